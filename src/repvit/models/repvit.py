@@ -1,0 +1,506 @@
+"""RepViT: Revisiting Mobile CNN From ViT Perspective (Wang et al., CVPR 2024).
+
+One file for the whole family. Every variant is a row of ``specs.SPECS``
+(widths, depths, legacy flag); everything else follows from the rules below.
+
+    stem        3x3 s2 conv-BN (C0/2), GELU, 3x3 s2 conv-BN (C0)          -> stride 4
+    stage 0     depths[0] RepViT blocks
+    stage i>0   downsample: RepViT block (no SE) at the old width,
+                            dw 3x3 s2 conv-BN, 1x1 conv-BN to the new width,
+                            residual FFN
+                then depths[i] RepViT blocks
+    block       token mixer  = BN(dw3x3-BN(x) + dw1x1(x) + x)  [legacy: dw3x3-BN + dw1x1-BN + x]
+                               then SE on blocks 0, 2, 4, ... of each stage ("cross-block SE")
+                channel mixer= x + FFN(x), FFN = 1x1 (x2) - GELU - 1x1 (BN init 0)
+    head        global average pool, BN1d + Linear (+ a second head for distillation)
+
+Train-form modules that can be folded implement ``fuse()``; ``repvit.reparameterize``
+is the single entry point that calls them. ``deploy=True`` builds the folded form
+directly so fused checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .specs import RepViTSpec
+
+__all__ = ["RepViT", "RepViTFeatures", "ConvBN", "RepDWConv", "BNLinear", "ClassifierHead", "LinearHead"]
+
+
+# ----------------------------------------------------------------------------- folding math
+
+
+def _fold_dtype(t: torch.Tensor) -> torch.dtype:
+    # Fold in float64 where the device has it so the fused weights are the exact
+    # rounding of the true fold in the model's own dtype (float64 models stay exact).
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+@torch.no_grad()
+def fold_bn(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``bn(conv(x) + bias)`` into a single (weight, bias) in the conv's dtype."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise RuntimeError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    fd = _fold_dtype(weight)
+    gamma = bn.weight.to(fd) if bn.weight is not None else torch.ones_like(bn.running_var, dtype=fd)
+    beta = bn.bias.to(fd) if bn.bias is not None else torch.zeros_like(bn.running_mean, dtype=fd)
+    scale = gamma / torch.sqrt(bn.running_var.to(fd) + bn.eps)
+    b = torch.zeros_like(bn.running_mean, dtype=fd) if bias is None else bias.to(fd)
+    w = weight.to(fd) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    new_bias = beta + (b - bn.running_mean.to(fd)) * scale
+    return w.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    out = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, bias=True, device=weight.device, dtype=weight.dtype,
+    )
+    out.weight.data.copy_(weight)
+    out.bias.data.copy_(bias)
+    return out
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class ConvBN(nn.Sequential):
+    """Conv2d without bias followed by BatchNorm2d. Keys ``c`` / ``bn`` (official and timm layout)."""
+
+    def __init__(
+        self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
+        groups: int = 1, bn_weight_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        w, b = fold_bn(self.c.weight, None, self.bn)
+        return _conv_like(self.c, w, b)
+
+
+def conv_bn(
+    in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+    bn_weight_init: float = 1.0, *, deploy: bool = False,
+) -> nn.Module:
+    """ConvBN in train form, a biased Conv2d (what ConvBN folds to) in deploy form."""
+    if deploy:
+        return nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=True)
+    return ConvBN(in_chs, out_chs, kernel_size, stride, groups, bn_weight_init)
+
+
+class RepDWConv(nn.Module):
+    """RepVGG-style depthwise 3x3 token mixer; folds into one depthwise 3x3 conv.
+
+    current: ``bn(conv3x3_bn(x) + conv1x1(x) + x)``; legacy: ``conv3x3_bn(x) + conv1x1_bn(x) + x``.
+    """
+
+    def __init__(self, dim: int, legacy: bool = False) -> None:
+        super().__init__()
+        self.legacy = legacy
+        self.conv = ConvBN(dim, dim, 3, groups=dim)
+        if legacy:
+            self.conv1 = ConvBN(dim, dim, 1, groups=dim)
+            self.bn = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(dim, dim, 1, groups=dim, bias=True)
+            self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        conv3 = self.conv.fuse()
+        if self.legacy:
+            conv1 = self.conv1.fuse()
+            w1, b1 = conv1.weight, conv1.bias
+        else:
+            w1, b1 = self.conv1.weight, self.conv1.bias
+        fd = _fold_dtype(conv3.weight)
+        identity = torch.zeros_like(conv3.weight, dtype=fd)
+        identity[:, 0, 1, 1] = 1.0
+        w = conv3.weight.to(fd) + F.pad(w1.to(fd), [1, 1, 1, 1]) + identity
+        b = conv3.bias.to(fd) + b1.to(fd)
+        if isinstance(self.bn, nn.BatchNorm2d):
+            w, b = fold_bn(w, b, self.bn)
+        return _conv_like(conv3, w.to(conv3.weight.dtype), b.to(conv3.weight.dtype))
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of ``divisor`` (at least ``divisor``); SE widths use this."""
+    return max(divisor, int(v + divisor / 2) // divisor * divisor)
+
+
+class SqueezeExcite(nn.Module):
+    """SE with reduction 0.25 rounded to a multiple of 8, ReLU inside, sigmoid gate."""
+
+    def __init__(self, dim: int, rd_ratio: float = 0.25) -> None:
+        super().__init__()
+        rd = make_divisible(dim * rd_ratio)
+        self.fc1 = nn.Conv2d(dim, rd, 1, bias=True)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(rd, dim, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(self.act(self.fc1(s))))
+
+
+class FFN(nn.Module):
+    """Channel mixer: 1x1 expand (x2), GELU, 1x1 project. The projection BN starts at 0
+    so every residual block is the identity at initialisation."""
+
+    def __init__(self, dim: int, ratio: int = 2, *, deploy: bool = False) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(dim, dim * ratio, 1, deploy=deploy)
+        self.act = nn.GELU()
+        self.conv2 = conv_bn(dim * ratio, dim, 1, bn_weight_init=0.0, deploy=deploy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch (per sample). Off (identity) at rate 0 and in eval."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class RepViTBlock(nn.Module):
+    """Token mixer (re-parameterisable dw 3x3, optional SE) then residual channel mixer."""
+
+    def __init__(
+        self, dim: int, *, use_se: bool, legacy: bool = False, drop_path: float = 0.0, deploy: bool = False
+    ) -> None:
+        super().__init__()
+        self.token_mixer = conv_bn(dim, dim, 3, groups=dim, deploy=True) if deploy else RepDWConv(dim, legacy)
+        self.se = SqueezeExcite(dim) if use_se else nn.Identity()
+        self.channel_mixer = FFN(dim, deploy=deploy)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.se(self.token_mixer(x))
+        return x + self.drop_path(self.channel_mixer(x))
+
+
+class Downsample(nn.Module):
+    """The paper's deeper downsampling layer: block, dw 3x3 s2, 1x1 to the new width, residual FFN."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, *, legacy: bool = False, stride: int = 2,
+        drop_path: float = 0.0, deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        self.pre_block = RepViTBlock(in_dim, use_se=False, legacy=legacy, drop_path=drop_path, deploy=deploy)
+        self.spatial_downsample = conv_bn(in_dim, in_dim, 3, stride, groups=in_dim, deploy=deploy)
+        self.channel_downsample = conv_bn(in_dim, out_dim, 1, deploy=deploy)
+        self.ffn = FFN(out_dim, deploy=deploy)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.channel_downsample(self.spatial_downsample(self.pre_block(x)))
+        return x + self.drop_path(self.ffn(x))
+
+
+class RepViTStage(nn.Module):
+    def __init__(
+        self, in_dim: int, out_dim: int, depth: int, *, downsample: bool, legacy: bool,
+        drop_paths: Sequence[float], deploy: bool, downsample_stride: int = 2,
+    ) -> None:
+        super().__init__()
+        self.downsample: nn.Module = (
+            Downsample(in_dim, out_dim, legacy=legacy, stride=downsample_stride,
+                       drop_path=drop_paths[0], deploy=deploy)
+            if downsample else nn.Identity()
+        )
+        # cross-block SE: blocks 0, 2, 4, ... of every stage carry SE
+        self.blocks = nn.Sequential(*[
+            RepViTBlock(out_dim, use_se=(i % 2 == 0), legacy=legacy, drop_path=drop_paths[i], deploy=deploy)
+            for i in range(depth)
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+class Stem(nn.Module):
+    """Early convolutions: two 3x3 stride-2 conv-BN with GELU between (output stride 4)."""
+
+    def __init__(self, in_chs: int, out_chs: int, *, deploy: bool = False) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(in_chs, out_chs // 2, 3, 2, deploy=deploy)
+        self.act1 = nn.GELU()
+        self.conv2 = conv_bn(out_chs // 2, out_chs, 3, 2, deploy=deploy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act1(self.conv1(x)))
+
+
+class BNLinear(nn.Sequential):
+    """BatchNorm1d then Linear (keys ``bn`` / ``l``); folds into one Linear."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_features)
+        self.l = nn.Linear(in_features, out_features)
+        nn.init.trunc_normal_(self.l.weight, std=0.02)
+        nn.init.zeros_(self.l.bias)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Linear:
+        # y = W (gamma (x - mu) / s + beta) + b  =  (W * k) x + (W beta' + b),  k = gamma / s
+        fd = _fold_dtype(self.l.weight)
+        bn = self.bn
+        k = bn.weight.to(fd) / torch.sqrt(bn.running_var.to(fd) + bn.eps)
+        shift = bn.bias.to(fd) - bn.running_mean.to(fd) * k
+        w = self.l.weight.to(fd) * k[None, :]
+        b = self.l.weight.to(fd) @ shift + self.l.bias.to(fd)
+        lin = nn.Linear(self.l.in_features, self.l.out_features, device=w.device, dtype=self.l.weight.dtype)
+        lin.weight.data.copy_(w)
+        lin.bias.data.copy_(b)
+        return lin
+
+
+class ClassifierHead(nn.Module):
+    """Train-form classifier: one BN+Linear head, or two (class + distillation).
+
+    Output contract: one logits tensor (the two heads averaged) unless the training code
+    has called ``set_distilled_training(True)``; then, in train mode only, ``(cls, dist)``.
+    """
+
+    def __init__(self, dim: int, num_classes: int, *, distillation: bool = False, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop = nn.Dropout(drop_rate)
+        self.head = BNLinear(dim, num_classes)
+        self.head_dist: nn.Module | None = BNLinear(dim, num_classes) if distillation else None
+        self.distilled_training = False
+
+    def forward(self, x: torch.Tensor):
+        x = self.drop(x)
+        if self.head_dist is None:
+            return self.head(x)
+        cls, dist = self.head(x), self.head_dist(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return cls, dist
+        return (cls + dist) / 2
+
+    @torch.no_grad()
+    def fuse(self) -> "LinearHead":
+        lin = self.head.fuse()
+        if self.head_dist is not None:
+            # the two heads are averaged at inference, so their folded Linears average too
+            other = self.head_dist.fuse()
+            lin.weight.data = (lin.weight.data + other.weight.data) / 2
+            lin.bias.data = (lin.bias.data + other.bias.data) / 2
+        out = LinearHead(lin.in_features, self.num_classes, drop_rate=self.drop.p)
+        out.head = lin
+        return out
+
+
+class LinearHead(nn.Module):
+    """Deploy-form classifier (one Linear), or no classifier at all when ``num_classes == 0``."""
+
+    def __init__(self, dim: int, num_classes: int, *, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop = nn.Dropout(drop_rate)
+        self.head: nn.Module = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(x))
+
+
+def make_head(dim: int, num_classes: int, *, distillation: bool, drop_rate: float, deploy: bool) -> nn.Module:
+    if deploy or num_classes <= 0:
+        return LinearHead(dim, num_classes, drop_rate=drop_rate)
+    return ClassifierHead(dim, num_classes, distillation=distillation, drop_rate=drop_rate)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _check_input(x: torch.Tensor, in_chans: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(
+            f"RepViT expects a 4-D NCHW tensor, got {x.dim()}-D input of shape {list(x.shape)}; "
+            "add a batch dimension with x.unsqueeze(0) for a single image"
+        )
+    if x.shape[1] != in_chans:
+        hint = (" It looks like NHWC: use x.permute(0, 3, 1, 2)." if x.shape[-1] == in_chans
+                else f" Build the model with in_chans={x.shape[1]} to accept it.")
+        raise ValueError(
+            f"RepViT expects NCHW input with {in_chans} channels, got shape {list(x.shape)}.{hint}"
+        )
+
+
+class RepViT(nn.Module):
+    """The RepViT backbone + classifier. Build through ``repvit.create_model``."""
+
+    def __init__(
+        self, spec: RepViTSpec, *, num_classes: int = 1000, in_chans: int = 3, distillation: bool = False,
+        drop_rate: float = 0.0, drop_path_rate: float = 0.0, deploy: bool = False,
+        variant: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.variant = variant
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.deploy = deploy
+        widths, depths = spec.widths, spec.depths
+        self.num_features = widths[-1]
+
+        self.stem = Stem(in_chans, widths[0], deploy=deploy)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist() if sum(depths) else []
+        stages, start, in_dim = [], 0, widths[0]
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            stages.append(RepViTStage(
+                in_dim, w, d, downsample=i > 0, legacy=spec.legacy,
+                drop_paths=dpr[start:start + d] or [0.0], deploy=deploy,
+            ))
+            start += d
+            in_dim = w
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = [
+            dict(num_chs=w, reduction=4 * 2 ** i, module=f"stages.{i}") for i, w in enumerate(widths)
+        ]
+        self.head = make_head(widths[-1], num_classes, distillation=distillation,
+                              drop_rate=drop_rate, deploy=deploy)
+
+    # -- configuration --------------------------------------------------------------------
+    @property
+    def distillation(self) -> bool:
+        return self.head.head_dist is not None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Ask the two-head model for the ``(cls, dist)`` pair in train mode (distillation training)."""
+        if enable and not self.distillation:
+            raise ValueError("set_distilled_training(True) needs a train-form model built with distillation=True")
+        if isinstance(self.head, ClassifierHead):
+            self.head.distilled_training = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, distillation: bool | None = None) -> None:
+        """Replace the classifier (e.g. for fine-tuning on a new number of classes)."""
+        distillation = self.distillation if distillation is None else distillation
+        ref = next(self.parameters())
+        self.num_classes = num_classes
+        self.head = make_head(self.num_features, num_classes, distillation=distillation,
+                              drop_rate=self.drop_rate, deploy=self.deploy).to(ref.device, ref.dtype)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.in_chans)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        x = x.mean((2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, *,
+        stop_early: bool = False, intermediates_only: bool = False,
+    ):
+        """Return stage outputs (strides 4, 8, 16, 32) selected by ``indices``.
+
+        ``indices``: stage indices, or an int n meaning the last n stages; default all.
+        Returns ``intermediates`` if ``intermediates_only`` else ``(final_features, intermediates)``.
+        """
+        take = _resolve_indices(indices, len(self.stages))
+        _check_input(x, self.in_chans)
+        feats = []
+        x = self.stem(x)
+        last = max(take) if (stop_early or intermediates_only) else len(self.stages) - 1
+        for i, stage in enumerate(self.stages[: last + 1]):
+            x = stage(x)
+            if i in take:
+                feats.append(x)
+        return feats if intermediates_only else (x, feats)
+
+
+def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices} must be between 1 and {n} (the last n stages)")
+        return list(range(n - indices, n))
+    out = [i % n if -n <= i < n else -1 for i in indices]
+    if -1 in out or not out:
+        raise ValueError(f"stage indices {list(indices)} out of range; RepViT has stages 0..{n - 1}")
+    return sorted(set(out))
+
+
+class RepViTFeatures(nn.Module):
+    """Features-only backbone: returns the list of selected stage outputs (for FPN-style necks)."""
+
+    def __init__(self, model: RepViT, out_indices: Sequence[int] = (0, 1, 2, 3)) -> None:
+        super().__init__()
+        self.out_indices = _resolve_indices(out_indices, len(model.stages))
+        self.in_chans = model.in_chans
+        self.variant = model.variant
+        self.spec = model.spec
+        self.deploy = model.deploy
+        self.stem = model.stem
+        self.stages = model.stages[: max(self.out_indices) + 1]
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        _check_input(x, self.in_chans)
+        x = self.stem(x)
+        out = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                out.append(x)
+        return out
