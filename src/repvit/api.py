@@ -1,3 +1,7 @@
-def create_model(*a, **k): pass
-def load_checkpoint(*a, **k): pass
-def save_checkpoint(*a, **k): pass
+"""Public entry points: create_model, load_checkpoint, save_checkpoint (implemented in repvit.weights)."""
+
+from __future__ import annotations
+
+from .weights.api import create_model, load_checkpoint, save_checkpoint
+
+__all__ = ["create_model", "load_checkpoint", "save_checkpoint"]
