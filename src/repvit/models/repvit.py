@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .specs import RepViTSpec
+from .specs import RepViTSpec, default_preprocessing
 
 __all__ = ["RepViT", "RepViTFeatures", "ConvBN", "RepDWConv", "BNLinear", "ClassifierHead", "LinearHead"]
 
@@ -381,6 +381,8 @@ class RepViT(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.deploy = deploy
+        # evaluation preprocessing travels with the weights (saved in checkpoint metadata)
+        self.preprocessing: dict = default_preprocessing(in_chans)
         widths, depths = spec.widths, spec.depths
         self.num_features = widths[-1]
 

@@ -72,3 +72,17 @@ PAPER_TABLE: dict[str, tuple[float, float]] = {
     "repvit_m1_5": (14.0, 2.3),
     "repvit_m2_3": (22.9, 4.5),
 }
+
+
+# Evaluation preprocessing of the official ImageNet models (reference sheet: eval_preprocessing):
+# bicubic resize to 256 then centre crop 224 (crop_pct 0.875), ImageNet mean/std.
+IMAGENET_PREPROCESSING: dict = {
+    "input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.875,
+    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+}
+
+
+def default_preprocessing(in_chans: int) -> dict:
+    if in_chans == 3:
+        return dict(IMAGENET_PREPROCESSING)
+    return dict(IMAGENET_PREPROCESSING, input_size=[in_chans, 224, 224], mean=[0.5] * in_chans, std=[0.5] * in_chans)

@@ -1,0 +1,88 @@
+"""``repvit models`` (variant table) and ``repvit convert`` (between checkpoint formats)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list every variant with params, MACs, published top-1 and latency")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p.add_argument("--no-macs", action="store_true", help="skip the MAC count (faster)")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between official, timm and repvit formats")
+    p.add_argument("source", help="checkpoint file in any supported format")
+    p.add_argument("out", help="output path")
+    p.add_argument("--to", choices=["repvit", "timm", "official"], default="repvit", help="target format")
+    p.add_argument("--variant", help="variant name (default: inferred from the file)")
+    p.add_argument("--deploy", action="store_true", help="fuse to the deploy form before writing")
+    p.add_argument("--use-ema", action="store_true", help="take the EMA weights of a training checkpoint")
+    p.set_defaults(func=_convert)
+
+
+def model_table(with_macs: bool = True) -> list[dict]:
+    from ..models import FACTS, build_model, list_models
+    from ..reparam import reparameterize
+    from ..utils.complexity import count_macs, count_params
+
+    rows = []
+    for name in list_models():
+        train = build_model(name)
+        fused = reparameterize(train)
+        f = FACTS[name]
+        rows.append({
+            "variant": name, "legacy": train.spec.legacy,
+            "train_params": count_params(train), "deploy_params": count_params(fused),
+            "macs": count_macs(fused) if with_macs else None,
+            "top1_300e": f.top1_300e, "top1_450e": f.top1_450e, "latency_ms_iphone12": f.latency_ms_iphone12,
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def fmt(v, spec=""):
+        return "-" if v is None else format(v, spec)
+
+    head = "| variant | train params (M) | deploy params (M) | GMACs | top-1 300e | top-1 450e | iPhone 12 ms |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        name = r["variant"] + (" (legacy)" if r["legacy"] else "")
+        macs = None if r["macs"] is None else r["macs"] / 1e9
+        lines.append(f"| {name} | {r['train_params'] / 1e6:.2f} | {r['deploy_params'] / 1e6:.2f} | {fmt(macs, '.2f')} | "
+                     f"{fmt(r['top1_300e'])} | {fmt(r['top1_450e'])} | {fmt(r['latency_ms_iphone12'])} |")
+    return "\n".join(lines)
+
+
+def _models(args: argparse.Namespace) -> int:
+    rows = model_table(with_macs=not args.no_macs)
+    print(format_table(rows))
+    print("\ntrain params: single head; deploy: fused. MACs: fused model, 224x224, fvcore convention. "
+          "top-1 (ImageNet-1K, distilled) and iPhone 12 latency: published (paper / official README).")
+    if args.json:
+        from .io import atomic_write
+        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ..reparam import reparameterize
+    from .api import create_model, save_checkpoint
+    from .io import read_checkpoint
+    from .layouts import matching_variants
+
+    ck = read_checkpoint(args.source, use_ema=args.use_ema or None)
+    variant = args.variant
+    if variant is None:
+        names = matching_variants(ck.info)
+        if not names:
+            raise ValueError(f"{args.source} holds no known variant ({ck.describe()}); pass --variant")
+        variant = names[0]
+    model = create_model(variant, checkpoint=args.source, use_ema=args.use_ema or None)
+    if args.deploy and not model.deploy:
+        model = reparameterize(model)
+    save_checkpoint(model, args.out, format=args.to)
+    form = "deploy" if model.deploy else "train"
+    print(f"read {ck.describe()}\nwrote {args.out}: {args.to} format, {variant}, {form} form")
+    return 0
