@@ -1,0 +1,80 @@
+"""Turn what the user names (a checkpoint file or a variant name) into a fused deploy model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..models.registry import canonical_name, get_spec
+from ..models.repvit import RepViT
+from ..reparam import reparameterize
+
+__all__ = ["load_source", "to_deploy"]
+
+
+def to_deploy(model: RepViT) -> RepViT:
+    """Fused, eval-mode copy of ``model`` that keeps its preprocessing and variant name.
+
+    Every exporter calls this, so a train-form model (BatchNorm, branches, two heads) is never exported.
+    """
+    if not isinstance(model, RepViT):
+        raise ValueError(f"expected a RepViT classifier model, got {type(model).__name__}; "
+                         "features-only backbones are not exported by this module")
+    fused = reparameterize(model).float()
+    for attr in ("preprocessing", "variant", "_export_source", "_export_source_form"):
+        if hasattr(model, attr):
+            setattr(fused, attr, getattr(model, attr))
+    if getattr(fused, "_export_source_form", None) is None:
+        fused._export_source_form = "deploy" if getattr(model, "deploy", False) else "train"
+    return fused
+
+
+def _looks_like_path(source: str) -> bool:
+    return os.sep in source or "/" in source or Path(source).suffix in (
+        ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+def load_source(
+    source: str | os.PathLike, *, model: str | None = None, use_ema: bool | None = None,
+    num_classes: int | None = None, in_chans: int | None = None,
+) -> RepViT:
+    """Load ``source`` and return the fused deploy model (eval mode).
+
+    ``source``: a checkpoint file in any supported format (train or deploy form), or a variant
+    name (random weights; for latency work). ``model`` names the variant when the file cannot
+    say (official/timm files of variants sharing widths and depths); if given and the file holds
+    another variant, a clear ``ValueError`` is raised. ``num_classes``/``in_chans`` apply to
+    variant names only (a checkpoint brings its own).
+    """
+    from ..weights.api import create_model
+    from ..weights.io import read_checkpoint
+    from ..weights.layouts import matching_variants
+
+    src = str(source)
+    path = Path(src).expanduser()
+    if path.is_file():
+        ck = read_checkpoint(path, use_ema=use_ema)
+        variant = model or ck.metadata.get("variant")
+        if not variant:
+            names = matching_variants(ck.info)
+            if not names:
+                raise ValueError(f"{src} holds no RepViT variant ({ck.describe()})")
+            variant = names[0]
+        m = create_model(canonical_name(variant), checkpoint=path, use_ema=use_ema)
+        m._export_source = path.name
+        m._export_source_form = ck.info.form
+    elif path.is_dir():
+        raise ValueError(f"{src} is a directory; pass a checkpoint file inside it (e.g. {src}/best.safetensors) "
+                         "or a variant name")
+    elif _looks_like_path(src):
+        raise FileNotFoundError(f"checkpoint not found: {src} (SOURCE is a checkpoint file or a variant name "
+                                "such as repvit_m0_9)")
+    else:
+        if model and canonical_name(model) != canonical_name(src):
+            raise ValueError(f"SOURCE names variant {src} but --model says {model}; give only one")
+        get_spec(src)  # unknown name -> ValueError listing the variants
+        m = create_model(canonical_name(src), num_classes=1000 if num_classes is None else num_classes,
+                         in_chans=in_chans or 3)
+        m._export_source = f"{canonical_name(src)} (random init)"
+        m._export_source_form = "train"
+    return to_deploy(m)
