@@ -1,7 +1,116 @@
-"""Subcommands of this capability (placeholder until implemented)."""
+"""``repvit bench`` and ``repvit roadmap`` subcommands."""
+
+from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .runtimes import DEFAULT_RUNTIMES, RUNTIMES
+
+
+def _csv(s: str) -> list[str]:
+    return [x for x in s.replace(",", " ").split() if x]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser(
+        "bench", help="batch-1 CPU latency of RepViT and timm peers across runtimes (JSON, Markdown, plot)",
+        description="Batch-1 latency, interleaved, with warm-up; median, p10/p90 and spread; threads pinned. "
+                    "Models: variant names, timm peer names, timm:repvit_* or groups default/repvit/peers/all.")
+    p.add_argument("--models", nargs="+", type=str, default=None, metavar="M",
+                   help="models or groups (default: repvit_m0_9 timm:repvit_m0_9 mobilenetv3_large_100); 'all' = full peer list")
+    p.add_argument("--runtimes", nargs="+", type=str, default=None, metavar="R",
+                   help=f"runtimes (default: {' '.join(DEFAULT_RUNTIMES)}; available: {', '.join(RUNTIMES)})")
+    p.add_argument("--json", type=Path, default=None, help="write the results JSON here")
+    p.add_argument("--markdown", type=Path, default=None, help="write the Markdown tables here (default: next to --json)")
+    p.add_argument("--plot", type=Path, default=None, help="write the latency-vs-top-1 PNG here (default: next to --json)")
+    p.add_argument("--plot-runtime", default=None, help="runtime whose latency the plot uses (default onnxruntime)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads, pinned (default: all CPUs available)")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--downstream", action="store_true",
+                   help="also time features-only backbones at --downstream-size (paper: 512)")
+    p.add_argument("--downstream-size", type=int, default=512)
+    p.add_argument("--downstream-models", nargs="+", default=None, help="default: the RepViT models of this run")
+    p.add_argument("--no-peak", action="store_true", help="skip the 2048^3 matmul peak measurement")
+    p.add_argument("--gpu", action="store_true", help="GPU throughput mode (speed_gpu.py style); needs CUDA")
+    p.add_argument("--gpu-batch", type=int, default=256)
+    p.set_defaults(func=_bench)
+
+    r = sub.add_parser(
+        "roadmap", help="the paper's MobileNetV3-L -> RepViT-M0.9 walk: params, MACs, latency per step",
+        description="Builds each roadmap step (one config per step, one generic builder), fuses it and "
+                    "times it; prints a table next to the published iPhone 12 latency and top-1.")
+    r.add_argument("--json", type=Path, default=None, help="write the steps as a JSON list here")
+    r.add_argument("--markdown", type=Path, default=None)
+    r.add_argument("--plot", type=Path, default=None, help="PNG plot (default: next to --json)")
+    r.add_argument("--runtime", default="eager", choices=RUNTIMES)
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--input-size", type=int, default=224)
+    r.add_argument("--warmup", type=int, default=5)
+    r.add_argument("--iters", type=int, default=10)
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--no-measure", action="store_true", help="only params and MACs (no timing)")
+    r.set_defaults(func=_roadmap)
+
+
+def _sibling(base: Path | None, explicit: Path | None, suffix: str) -> Path | None:
+    if explicit is not None:
+        return explicit
+    return base.with_suffix(suffix) if base is not None else None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .report import bench_markdown, plot_bench, write_json, write_text
+    models = [m for s in args.models for m in _csv(s)] if args.models else None
+    if args.gpu:
+        from .gpu import gpu_throughput
+        rows = gpu_throughput(models, batch=args.gpu_batch, input_size=args.input_size)
+        for r in rows:
+            print(f"{r['display']:<28} {r['images_per_s']:10.0f} images/s  (batch {r['batch']}, {r['device']})")
+        if args.json:
+            write_json(args.json, {"schema": "repvit.bench.gpu/1", "results": rows})
+        return 0
+    from .harness import run_bench
+    runtimes = [x for s in args.runtimes for x in _csv(s)] if args.runtimes else None
+    res = run_bench(models, runtimes, threads=args.threads, input_size=args.input_size, warmup=args.warmup,
+                    iters=args.iters, rounds=args.rounds, downstream=args.downstream,
+                    downstream_size=args.downstream_size, downstream_models=args.downstream_models,
+                    peak=not args.no_peak)
+    md = bench_markdown(res)
+    print(md)
+    if args.json:
+        print(f"wrote {write_json(args.json, res)}")
+    mdp = _sibling(args.json, args.markdown, ".md")
+    if mdp:
+        print(f"wrote {write_text(mdp, md)}")
+    png = _sibling(args.json, args.plot, ".png")
+    if png:
+        try:
+            print(f"wrote {plot_bench(res, png, args.plot_runtime)}")
+        except RuntimeError as e:  # no matplotlib / nothing plottable: the numbers are still written
+            print(f"plot skipped: {e}")
+    return 0
+
+
+def _roadmap(args: argparse.Namespace) -> int:
+    from .report import plot_roadmap, roadmap_markdown, write_json, write_text
+    from .roadmap import run_roadmap
+    steps, meta = run_roadmap(runtime=args.runtime, threads=args.threads, input_size=args.input_size,
+                              warmup=args.warmup, iters=args.iters, rounds=args.rounds, measure=not args.no_measure)
+    md = roadmap_markdown(steps, meta)
+    print(md)
+    if args.json:
+        print(f"wrote {write_json(args.json, steps)}")
+    mdp = _sibling(args.json, args.markdown, ".md")
+    if mdp:
+        print(f"wrote {write_text(mdp, md)}")
+    png = _sibling(args.json, args.plot, ".png")
+    if png and not args.no_measure:
+        try:
+            print(f"wrote {plot_roadmap(steps, png)}")
+        except RuntimeError as e:
+            print(f"plot skipped: {e}")
+    return 0

@@ -1,0 +1,112 @@
+"""Describe the machine, pin threads, and measure its matmul peak (the physical limit)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Callable
+
+import torch
+
+from .timing import measure_interleaved
+
+__all__ = ["pin_threads", "machine_info", "cpu_flags", "matmul_peak"]
+
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:  # not Linux: keep platform's description
+        pass
+    return model, flags
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The ISA features that decide which fp32/bf16/int8 kernels are fast."""
+    _, flags = _cpuinfo()
+    return {f: f in flags for f in _FLAGS}
+
+
+def native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX); otherwise it is emulated."""
+    f = cpu_flags()
+    return f["avx512_bf16"] or f["amx_bf16"]
+
+
+def pin_threads(threads: int | None) -> dict:
+    """Use ``threads`` intra-op threads in every runtime and pin the process to that many CPUs.
+
+    Returns what was set (for the report). ``None`` means one thread per available CPU.
+    """
+    avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    n = len(avail) if threads is None else threads
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    if n > len(avail):
+        raise ValueError(f"--threads {n} exceeds the {len(avail)} CPUs this process may use")
+    cpus = avail[:n]
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(n)
+    try:  # only settable before the first inter-op parallel call
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    return {"threads": n, "cpus": cpus, "interop_threads": torch.get_num_interop_threads()}
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:  # not installed or broken: report as absent
+        return None
+
+
+def machine_info(threads: int) -> dict:
+    model, _ = _cpuinfo()
+    info = {
+        "cpu_model": model, "logical_cpus": os.cpu_count(), "threads": threads,
+        "cpu_flags": cpu_flags(), "native_bf16": native_bf16(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "timm": _version("timm"), "onnxruntime": _version("onnxruntime"),
+        "openvino": _version("openvino"), "onnx": _version("onnx"),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1m_start"] = os.getloadavg()[0]
+    return info
+
+
+@torch.inference_mode()
+def matmul_peak(dtypes: tuple[str, ...] = ("fp32", "bf16"), n: int = 2048, *, iters: int = 5, rounds: int = 3,
+                warmup: int = 2) -> dict:
+    """Achieved GFLOP/s of an n x n x n matmul per dtype (2 n^3 flops), measured interleaved.
+
+    This is the practical compute roof for the runtimes: a model at X GFLOP/s runs at
+    X / peak of what this CPU does on the friendliest possible workload.
+    """
+    fns: dict[str, Callable[[], object]] = {}
+    for d in dtypes:
+        if d in ("fp32", "bf16"):
+            dt = torch.float32 if d == "fp32" else torch.bfloat16
+            a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+            fns[d] = lambda a=a, b=b: torch.mm(a, b)
+        elif d == "int8" and hasattr(torch, "_int_mm"):
+            a, b = torch.randint(-64, 64, (n, n), dtype=torch.int8), torch.randint(-64, 64, (n, n), dtype=torch.int8)
+            try:
+                torch._int_mm(a, b)
+            except RuntimeError:  # no CPU int8 matmul kernel in this build
+                continue
+            fns[d] = lambda a=a, b=b: torch._int_mm(a, b)
+    stats = measure_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds, rewarm=0)
+    flops = 2.0 * n ** 3
+    return {d: {"n": n, "gflops": flops / (s["median"] * 1e-3) / 1e9, "latency_ms": s} for d, s in stats.items()}

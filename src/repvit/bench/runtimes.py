@@ -1,0 +1,196 @@
+"""Runtimes the harness can time a model in. Each ``prepare`` returns a zero-argument
+callable running one batch-1 inference, plus facts about how it runs.
+
+eager / eager_cl     PyTorch eager fp32 (NCHW / channels_last)
+eager_bf16           PyTorch eager with bf16 weights and input (emulated on CPUs without bf16)
+compile              torch.compile (inductor, weight freezing) fp32
+onnxruntime          ONNX Runtime CPU fp32, all graph optimisations
+onnxruntime_int8     ONNX Runtime static INT8 (QDQ, per-channel; calibrated on random data:
+                     a speed measurement only, accuracy is not checked here)
+openvino             OpenVINO CPU fp32 (if installed)
+openvino_bf16        OpenVINO CPU bf16 (only where the CPU has native bf16)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .machine import native_bf16
+
+__all__ = ["RUNTIMES", "DEFAULT_RUNTIMES", "RuntimeUnavailable", "prepare", "export_onnx"]
+
+RUNTIMES = ("eager", "eager_cl", "eager_bf16", "compile", "onnxruntime", "onnxruntime_int8", "openvino",
+            "openvino_bf16")
+DEFAULT_RUNTIMES = ("eager", "onnxruntime")
+DTYPE = {"eager_bf16": "bf16", "openvino_bf16": "bf16", "onnxruntime_int8": "int8"}
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime cannot run here (not installed, unsupported CPU, export failed)."""
+
+
+def check_runtimes(names: list[str]) -> list[str]:
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad:
+        raise ValueError(f"unknown runtime(s) {', '.join(bad)}; choose from {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """Export to ONNX (fixed batch-1 shape: the harness times exactly that).
+
+    Prefers the package's exporter (``repvit.export``) when it exists, else torch.onnx.export
+    (TorchScript exporter first: fast and robust for CNNs; the dynamo exporter as fallback).
+    Returns which exporter wrote the file.
+    """
+    path = Path(path)
+    try:
+        from ..export.onnx_export import export_onnx as pkg_export
+    except ImportError:  # export capability not installed / not there yet
+        pkg_export = None
+    from ..models import RepViT
+    if pkg_export is not None and isinstance(model, RepViT):
+        try:
+            pkg_export(model, path, input_size=tuple(example.shape[-2:]), validate=False, sidecar=False)
+            return "repvit.export (torchscript, opset 18)"
+        except Exception:  # their exporter refused this model: fall back to the plain export below
+            pass
+    errors = []
+    for dynamo in (False, True):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), str(path), input_names=["input"], opset_version=18,
+                                  dynamo=dynamo, **({} if dynamo else {"do_constant_folding": True}))
+            return f"torch.onnx.export ({'dynamo' if dynamo else 'torchscript'}, opset 18)"
+        except Exception as e:  # try the other exporter before giving up
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(e).__name__}: {str(e)[:200]}")
+    raise RuntimeUnavailable("ONNX export failed (" + "; ".join(errors) + ")")
+
+
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _quantize_int8(fp32: Path, out: Path, example: np.ndarray) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Random(CalibrationDataReader):
+        def __init__(self, n: int = 4) -> None:
+            rng = np.random.default_rng(0)
+            self.items = iter([{"input": rng.standard_normal(example.shape).astype(np.float32)} for _ in range(n)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    pre = out.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    except Exception:  # pre-processing is an optimisation; quantise the raw graph instead
+        pre = fp32
+    # U8 activations / S8 weights: the VNNI-friendly combination on x86
+    quantize_static(str(pre), str(out), _Random(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path, threads: int,
+            tag: str = "model") -> tuple[Callable[[], object], dict]:
+    """Return (run_once, facts) for ``model`` in ``runtime``; raises RuntimeUnavailable."""
+    workdir = Path(workdir)
+    facts = {"dtype": DTYPE.get(runtime, "fp32")}
+    if runtime in ("eager", "eager_cl"):
+        m, x = model, example
+        if runtime == "eager_cl":
+            import copy
+            m = copy.deepcopy(model).to(memory_format=torch.channels_last)  # leave the shared model as is
+            x = example.contiguous(memory_format=torch.channels_last)
+        return _torch_runner(m, x), facts
+    if runtime == "eager_bf16":
+        import copy
+        m = copy.deepcopy(model).to(torch.bfloat16)
+        facts["native_bf16"] = native_bf16()
+        if not facts["native_bf16"]:
+            facts["note"] = "CPU has no AVX512-BF16/AMX: bf16 is emulated"
+        return _torch_runner(m, example.to(torch.bfloat16)), facts
+    if runtime == "compile":
+        import torch._inductor.config as icfg
+        icfg.freezing = True  # fold weights into the graph / pre-pack them (inference only)
+        m = torch.compile(model, dynamic=False)
+        run = _torch_runner(m, example)
+        try:
+            run()  # compile now, so a failure is reported as "unavailable" not mid-timing
+        except Exception as e:
+            raise RuntimeUnavailable(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}") from e
+        return run, facts
+    if runtime.startswith("onnxruntime") or runtime.startswith("openvino"):
+        onnx_path = workdir / f"{tag}.onnx"
+        if not onnx_path.exists():
+            facts["exporter"] = export_onnx(model, example, onnx_path)
+        xn = example.numpy()
+        if runtime.startswith("onnxruntime"):
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError as e:
+                raise RuntimeUnavailable("onnxruntime is not installed (pip install 'repvit[export]')") from e
+            path = onnx_path
+            if runtime == "onnxruntime_int8":
+                path = workdir / f"{tag}.int8.onnx"
+                if not path.exists():
+                    try:
+                        _quantize_int8(onnx_path, path, xn)
+                    except Exception as e:
+                        raise RuntimeUnavailable(f"INT8 quantisation failed: {type(e).__name__}: {str(e)[:200]}") from e
+                facts["note"] = "static QDQ int8, random calibration (speed only)"
+            sess = _ort_session(path, threads)
+            feed = {sess.get_inputs()[0].name: xn}
+            return (lambda: sess.run(None, feed)), facts
+        return _openvino(onnx_path, xn, threads, bf16=runtime == "openvino_bf16", facts=facts)
+    raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+
+
+def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+    return run
+
+
+def _openvino(onnx_path: Path, xn: np.ndarray, threads: int, *, bf16: bool, facts: dict):
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise RuntimeUnavailable("openvino is not installed (pip install openvino)") from e
+    if bf16 and not native_bf16():
+        raise RuntimeUnavailable("no native bf16 on this CPU (AVX512-BF16/AMX): OpenVINO would silently run f32")
+    core = ov.Core()
+    cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+           "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", cfg)
+    facts["precision"] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    req = compiled.create_infer_request()
+    return (lambda: req.infer({0: xn})), facts
+
+
+def cleanup(workdir: Path) -> None:
+    for p in Path(workdir).glob("*.onnx*"):
+        try:
+            os.remove(p)
+        except OSError:
+            pass
