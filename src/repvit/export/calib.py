@@ -1,0 +1,159 @@
+"""Calibration / evaluation images for INT8: a folder of images or a built-in dataset.
+
+Everything is returned as *raw* pixels, float32 NCHW in 0..1 at the model's input size, with the
+model's channel count; normalisation is applied by the caller (or baked into the graph), so the
+same images feed a plain, a float-baked or a uint8-baked model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import require
+
+__all__ = ["load_images", "normalise", "BUILTIN", "IMAGE_SUFFIXES"]
+
+BUILTIN = ("fashion-mnist", "digits")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _builtin_key(name: str) -> str | None:
+    key = name.strip().lower().replace("_", "-")
+    key = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}.get(key, key)
+    return key if key in BUILTIN else None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Minimal IDX reader (only used when the data package is unavailable)."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _builtin_arrays(key: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x H x W images and int labels of a built-in split ('train' or 'val').
+
+    Prefers the training package's loaders so train/val splits are the very same images.
+    """
+    try:
+        from ..data.builtin import load_digits, load_fashion_mnist
+    except Exception:  # data package not importable: tiny local fallbacks with the same splits
+        load_digits = load_fashion_mnist = None  # type: ignore[assignment]
+    if key == "fashion-mnist":
+        if load_fashion_mnist is not None:
+            return load_fashion_mnist()[split]
+        prefix = "train" if split == "train" else "t10k"
+        root = Path(_FMNIST_DIR)
+        try:
+            x = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+            y = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"Fashion-MNIST IDX files not found in {root} ({e}); install the Debian package "
+                                    "dataset-fashion-mnist or calibrate with a folder of images") from e
+        return x, y.astype(np.int64)
+    if load_digits is not None:
+        return load_digits()[split]
+    sk = require("sklearn.datasets", "the digits dataset")
+    d = sk.load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    perm = np.random.RandomState(0).permutation(len(x))  # same split as repvit.data (seed 0, 20% val)
+    n_val = int(round(len(x) * 0.2))
+    idx = perm[:n_val] if split == "val" else perm[n_val:]
+    return x[idx], d.target[idx].astype(np.int64)
+
+
+def _to_model_input(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+    """N x C0 x H0 x W0 float 0..1 -> N x c x h x w (bilinear; grey replicated to RGB or RGB averaged to grey)."""
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
+                          antialias=x.shape[-1] > w or x.shape[-2] > h)
+    if x.shape[1] != c:
+        if x.shape[1] == 1:
+            x = x.expand(-1, c, -1, -1)
+        elif c == 1:
+            x = x.mean(1, keepdim=True)
+        else:
+            raise ValueError(f"cannot feed {x.shape[1]}-channel images to a {c}-channel model")
+    return x.clamp_(0, 1).contiguous()
+
+
+def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images under ``root`` (recursively). With class sub-folders, labels are the sorted folder index."""
+    require("PIL", "reading calibration images")
+    from PIL import Image
+    from timm.data import create_transform
+
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}; "
+                         "pass a folder of images or a built-in dataset name (fashion-mnist, digits)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    labelled = bool(classes) and all(f.parent != root for f in files)
+    if limit and len(files) > limit:  # a seeded random subset, not the first folders only
+        pick = np.random.RandomState(seed).permutation(len(files))[:limit]
+        files = [files[i] for i in sorted(pick)]
+    c, h, w = pre["input_size"]
+    # resize + centre crop as at evaluation, no normalisation (raw 0..1); timm does the PIL work
+    tf = create_transform((c if c == 1 else 3, h, w), is_training=False, interpolation=pre.get("interpolation", "bicubic"),
+                          crop_pct=float(pre.get("crop_pct", 0.875)), mean=(0.0,) * 3, std=(1.0,) * 3)
+    xs, ys = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                img = im.convert("L" if c == 1 else "RGB")
+        except Exception as e:
+            raise ValueError(f"cannot read image {f}: {e}") from e
+        t = tf(img)
+        xs.append(t[:c] if t.shape[0] >= c else t)
+        if labelled:
+            ys.append(classes.index(f.relative_to(root).parts[0]))
+    x = _to_model_input(torch.stack(xs), c, h, w)
+    return x, (torch.tensor(ys) if labelled else None)
+
+
+def load_images(
+    source: str | os.PathLike, pre: dict[str, Any], *, split: str = "train", limit: int | None = None, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images N x C x H x W float 0..1, labels or None) for ``pre['input_size']``.
+
+    ``source``: ``fashion-mnist`` / ``digits`` (``split`` 'train' for calibration, 'val' for the
+    held-out check) or a folder of images (class sub-folders give labels). ``limit``: at most this
+    many images, a seeded random subset.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    c, h, w = (int(v) for v in pre["input_size"])
+    key = _builtin_key(str(source))
+    path = Path(source)
+    if path.is_dir():
+        return _folder_images(path, pre, limit, seed)
+    if key is None:
+        if path.exists():
+            raise ValueError(f"{source} is a file; calibration needs a folder of images or a built-in dataset "
+                             f"name ({', '.join(BUILTIN)})")
+        raise FileNotFoundError(f"calibration source {str(source)!r} is neither an existing folder nor a built-in "
+                                f"dataset ({', '.join(BUILTIN)})")
+    x, y = _builtin_arrays(key, split)
+    if limit and len(x) > limit:
+        idx = np.sort(np.random.RandomState(seed).permutation(len(x))[:limit])
+        x, y = x[idx], y[idx]
+    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)[:, None]
+    return _to_model_input(t, c, h, w), torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def normalise(x: torch.Tensor, pre: dict[str, Any]) -> torch.Tensor:
+    """Raw 0..1 pixels -> the model's normalised input."""
+    mean = torch.tensor(pre["mean"], dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(pre["std"], dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
