@@ -1,0 +1,115 @@
+"""Latency harness: statistics, the documented JSON fields, CLI outputs. No timing assertions."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from repvit.bench.harness import run_bench
+from repvit.bench.timing import latency_stats, measure_interleaved, paired_ratio
+from repvit.cli import main
+
+STAT_KEYS = {"median", "p10", "p90", "mean", "std", "min", "max", "spread", "n", "round_medians"}
+
+
+def test_measure_interleaved_stats_with_a_fake_clock():
+    ticks = iter(range(10_000))
+    order = []
+
+    def make(name):
+        return lambda: order.append(name)
+
+    # each call of the clock advances one unit: every timed iteration lasts exactly one unit
+    stats = measure_interleaved({"a": make("a"), "b": make("b")}, warmup=1, iters=3, rounds=2, rewarm=1,
+                                clock=lambda: float(next(ticks)))
+    assert stats["a"]["n"] == 6 and stats["a"]["median"] == pytest.approx(1000.0)  # ms
+    assert stats["a"]["round_medians"] == [pytest.approx(1000.0)] * 2
+    # interleaved: warm-ups, then a round of a, a round of b, a round of a, ...
+    assert order == ["a", "b"] + ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
+
+
+def test_latency_stats_and_paired_ratio():
+    s = latency_stats([0.001, 0.002, 0.003, 0.004], [0.002, 0.004])
+    assert s["median"] == pytest.approx(2.5) and s["min"] == pytest.approx(1.0) and s["max"] == pytest.approx(4.0)
+    assert s["p10"] < s["median"] < s["p90"]
+    r = paired_ratio({"median": 2, "round_medians": [1.0, 2.0, 4.0]}, {"median": 4, "round_medians": [2.0, 2.0, 2.0]})
+    assert r["ratio"] == pytest.approx(1.0) and r["min"] == pytest.approx(0.5) and r["max"] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        latency_stats([])
+
+
+def test_run_bench_produces_documented_fields():
+    res = run_bench(["repvit_m0_6"], ["eager", "onnxruntime"], input_size=64, warmup=0, iters=2, rounds=1,
+                    peak=True, peak_n=64, downstream=True, downstream_size=64, log=lambda s: None)
+    assert res["schema"] == "repvit.bench/1"
+    for k in ("cpu_model", "logical_cpus", "threads", "cpus", "cpu_flags", "native_bf16", "torch", "onnxruntime"):
+        assert k in res["machine"]
+    assert res["settings"]["batch"] == 1 and res["settings"]["input_size"] == [64, 64]
+    assert res["peak"]["fp32"]["gflops"] > 0 and res["peak"]["fp32"]["n"] == 64
+    assert [r["runtime"] for r in res["results"]] == ["eager", "onnxruntime"]
+    for r in res["results"] + res["downstream"]:
+        assert r["status"] == "ok", r.get("reason")
+        assert STAT_KEYS <= set(r["latency_ms"])
+        assert r["latency_ms"]["n"] == 2
+        assert r["gflops"] == pytest.approx(2 * r["macs"] / (r["latency_ms"]["median"] * 1e-3) / 1e9)
+        assert 0 < r["peak_fraction"]
+        assert r["params"] > 0 and r["macs"] > 0 and r["dtype"] == "fp32"
+    assert res["results"][0]["published_top1"] is not None and res["results"][0]["top1_source"]
+    # the features-only backbone has no classifier: fewer parameters than the classifier model
+    assert res["downstream"][0]["params"] < res["results"][0]["params"]
+    assert res["targets"] == {}  # the targets are about RepViT-M0.9, which this run did not time
+
+
+def _row(model, source, runtime, dtype, ms, peak_fraction=None):
+    r = {"model": model, "source": source, "runtime": runtime, "dtype": dtype,
+         "latency_ms": {"median": ms, "round_medians": [ms, ms * 1.1]}}
+    if peak_fraction is not None:
+        r["peak_fraction"] = peak_fraction
+    return r
+
+
+def test_ratios_and_targets_from_rows():
+    from repvit.bench.harness import _ratios, _targets
+    rows = [_row("repvit_m0_9", "repvit", "onnxruntime", "fp32", 4.0, 0.5),
+            _row("timm:repvit_m0_9", "timm", "onnxruntime", "fp32", 5.0),
+            _row("repvit_m0_9", "repvit", "eager", "fp32", 8.0, 0.25),
+            _row("repvit_m0_9", "repvit", "onnxruntime_int8", "int8", 2.0)]
+    ratios = _ratios(rows)
+    assert len(ratios) == 1 and ratios[0]["ratio"] == pytest.approx(0.8) and ratios[0]["runtime"] == "onnxruntime"
+    t = _targets(rows, ratios)
+    assert t["ort_ours_over_timm"]["met"] is True
+    assert t["best_fp32_latency_ms"]["runtime"] == "onnxruntime" and t["best_fp32_latency_ms"]["met"] is True
+    assert t["best_fp32_peak_fraction"]["value"] == pytest.approx(0.5) and t["best_fp32_peak_fraction"]["met"] is False
+    assert t["int8_speedup_vs_best_fp32"]["value"] == pytest.approx(2.0) and "bf16_speedup_vs_best_fp32" not in t
+
+
+def test_unknown_model_and_runtime_are_clean_cli_errors(capsys):
+    assert main(["bench", "--models", "resnet50x"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["bench", "--models", "repvit_m0_6", "--runtimes", "tensorrt"]) == 2
+    assert "unknown runtime" in capsys.readouterr().err
+
+
+def test_bench_cli_writes_json_markdown_plot(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--models", "repvit_m0_6", "--runtimes", "eager", "--input-size", "64", "--warmup", "0",
+               "--iters", "1", "--rounds", "1", "--no-peak", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["results"][0]["model"] == "repvit_m0_6" and "latency_ms" in res["results"][0]
+    assert "RepViT-M0.6" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_roadmap_cli_json_is_a_list_of_steps(tmp_path: Path):
+    out = tmp_path / "roadmap.json"
+    rc = main(["roadmap", "--input-size", "64", "--warmup", "0", "--iters", "1", "--rounds", "1", "--json", str(out)])
+    assert rc == 0
+    steps = json.loads(out.read_text())
+    assert isinstance(steps, list) and len(steps) == 10
+    for s in steps:
+        assert {"step", "params", "macs", "latency_ms", "published_latency_ms", "published_top1"} <= set(s)
+        assert s["latency_ms"] > 0 and s["params"] > 0
+    assert steps[-1]["params"] == 5067056  # fused RepViT-M0.9, reference sheet exact count
+    assert out.with_suffix(".png").exists()
