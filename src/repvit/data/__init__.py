@@ -1,0 +1,142 @@
+"""Datasets for training/evaluation: built-ins (Fashion-MNIST, digits), class folders, and timm readers.
+
+``build_data`` validates the source first (path, layout, class folders) so mistakes surface before
+any model is built, and returns the datasets plus what the model needs to know (classes, channels,
+normalisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .builtin import (BUILTIN_DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, TensorImageDataset,
+                      builtin_name, load_digits, load_fashion_mnist)
+from .folder import SafeImageFolder, find_split_dir, skip_none_collate, validate_image_folder
+from .sampler import GlobalBatchSampler, shard_range
+from .transforms import CROP_PCT, eval_transform, preprocessing_dict, train_transform
+
+__all__ = ["DataBundle", "build_data", "BUILTIN_DATASETS", "FASHION_MNIST_DIR", "GlobalBatchSampler",
+           "shard_range", "skip_none_collate", "validate_image_folder", "SafeImageFolder"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataBundle:
+    train: Dataset | None
+    val: Dataset
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+    name: str
+    notes: list[str] = field(default_factory=list)
+    collate: Callable = skip_none_collate
+
+    @property
+    def preprocessing(self) -> dict:
+        return preprocessing_dict(self.in_chans, self.img_size, self.mean, self.std, self.interpolation,
+                                  self.crop_pct)
+
+
+def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    if not n or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    sub = Subset(ds, sorted(idx))
+    sub.targets = [ds.targets[i] for i in sub.indices] if hasattr(ds, "targets") else None  # type: ignore[attr-defined]
+    return sub
+
+
+def _builtin(name: str, data: Any, aug: Any, *, train: bool) -> DataBundle:
+    notes = []
+    if name == "fashion-mnist":
+        try:
+            splits = load_fashion_mnist(data.download_dir)
+            classes: tuple[str, ...] = FASHION_MNIST_CLASSES
+        except FileNotFoundError as e:
+            # the embedded default must always run: fall back to digits, loudly
+            notes.append(f"NOTICE: {e}. Falling back to the scikit-learn digits dataset.")
+            name, splits, classes = "digits", load_digits(), tuple(str(i) for i in range(10))
+    else:
+        splits, classes = load_digits(), tuple(str(i) for i in range(10))
+    x_tr = splits["train"][0].astype(np.float32) / 255.0
+    # normalisation statistics of the training images (stored with the checkpoint's preprocessing)
+    mean = tuple(float(m) for m in data.mean) if data.mean else (round(float(x_tr.mean()), 4),)
+    std = tuple(float(s) for s in data.std) if data.std else (round(float(x_tr.std()), 4),)
+    kw = dict(img_size=data.img_size, mean=mean[0], std=std[0], classes=classes)
+    tr = TensorImageDataset(*splits["train"], train=True, pad_crop=aug.pad_crop, hflip=aug.hflip,
+                            reprob=aug.reprob, **kw) if train else None
+    va = TensorImageDataset(*splits["val"], train=False, **kw)
+    return DataBundle(tr, va, len(classes), 1, data.img_size, mean, std, "bilinear", 1.0, name, notes,
+                      collate=skip_none_collate)
+
+
+def _num_classes_of(ds: Any) -> int | None:
+    for obj in (ds, getattr(ds, "reader", None)):
+        if obj is None:
+            continue
+        for attr in ("class_to_idx", "classes"):
+            v = getattr(obj, attr, None)
+            if v:
+                return len(v)
+    return None
+
+
+def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_classes: int | None = None) -> DataBundle:
+    """Validate and build the datasets described by ``data`` (a DataConfig) and ``aug`` (an AugConfig)."""
+    src = str(data.dataset)
+    b = builtin_name(src)
+    if b is not None and not Path(src).exists():
+        bundle = _builtin(b, data, aug, train=train)
+    else:
+        mean = tuple(data.mean) if data.mean else IMAGENET_MEAN
+        std = tuple(data.std) if data.std else IMAGENET_STD
+        crop_pct = CROP_PCT[data.eval_crop]
+        tf_tr = train_transform(data.img_size, aug, interpolation=data.interpolation, mean=mean, std=std)
+        tf_ev = eval_transform(data.img_size, eval_crop=data.eval_crop, interpolation=data.interpolation,
+                               mean=mean, std=std)
+        fmt = data.format
+        root = Path(src)
+        if fmt == "auto":
+            fmt = "tar" if root.suffix == ".tar" or (root / f"{data.train_split}.tar").exists() else "folder"
+        if fmt == "folder":
+            if src == "imagenet" and not root.exists():
+                raise FileNotFoundError("this recipe trains on ImageNet: pass --data /path/to/imagenet "
+                                        "(a folder with train/ and val/ class folders)")
+            va = SafeImageFolder(find_split_dir(root, data.val_split), tf_ev)
+            tr = SafeImageFolder(find_split_dir(root, data.train_split), tf_tr, classes=va.classes) if train else None
+            n_cls = len(va.classes)
+        else:
+            from timm.data import create_dataset
+            if fmt == "tar" or not root.exists() and fmt in ("folder", "tar"):
+                if not root.exists():
+                    raise FileNotFoundError(f"dataset path {root} does not exist")
+            name = "" if fmt == "tar" else f"{fmt}/{src}"
+            droot = str(root) if fmt == "tar" else None
+            try:
+                va = create_dataset(name, root=droot, split=data.val_split, is_training=False, transform=tf_ev)
+                tr = (create_dataset(name, root=droot, split=data.train_split, is_training=True, transform=tf_tr)
+                      if train else None)
+            except Exception as e:  # noqa: BLE001 - timm readers raise many types; report them uniformly
+                raise ValueError(f"could not open {src!r} as {fmt} data: {e}") from e
+            n_cls = num_classes or _num_classes_of(va)
+            if not n_cls:
+                raise ValueError(f"cannot tell the number of classes of {src!r}; set model.num_classes")
+        bundle = DataBundle(tr, va, n_cls, 3, data.img_size, mean, std, data.interpolation, crop_pct, src)
+    if train and bundle.train is not None:
+        bundle.train = _subset(bundle.train, data.max_train_samples, seed)
+    bundle.val = _subset(bundle.val, data.max_val_samples, seed + 1)
+    if train and bundle.train is not None and len(bundle.train) == 0:
+        raise ValueError(f"the training split of {src!r} is empty")
+    return bundle

@@ -1,7 +1,126 @@
-"""Subcommands of this capability (placeholder until implemented)."""
+"""CLI: ``repvit train``, ``repvit eval`` and ``repvit plot``."""
+
+from __future__ import annotations
 
 import argparse
+import json
+import time
+from pathlib import Path
+
+__all__ = ["register", "resolve_train_config"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser("train", help="train a RepViT (default: a few-minute run on Fashion-MNIST)",
+                       description="Train with a shipped recipe or a YAML file. With no arguments: a real, "
+                                   "few-minute training on Fashion-MNIST that ends with a fused deploy model.")
+    p.add_argument("--recipe", help="shipped recipe name (e.g. repvit_m0_9_300e_distill) or a YAML file; "
+                                    "default: fashion_mnist")
+    p.add_argument("--data", help="dataset: built-in name (fashion-mnist, digits) or a path (ImageNet layout, "
+                                  ".tar, ...); overrides data.dataset")
+    p.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
+    p.add_argument("--epochs", type=int, help="override schedule.epochs")
+    p.add_argument("--seed", type=int, help="override run.seed")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set optim.base_lr=5e-4 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--list-recipes", action="store_true", help="list shipped recipes and exit")
+    p.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint (raw and EMA, train or deploy form)")
+    e.add_argument("checkpoint", help="our .safetensors, any checkpoint repvit reads, or a run's last.pt / run dir")
+    e.add_argument("--data", required=True, help="built-in name (fashion-mnist, digits) or dataset path")
+    e.add_argument("--split", default="val", help="split folder of the dataset (default: val)")
+    e.add_argument("--form", choices=("train", "deploy"), default="train", help="evaluate as trained or fused")
+    e.add_argument("--preprocessing", choices=("official", "timm"), default="official",
+                   help="official: resize 256 / crop 224 (crop 0.875); timm: crop 0.95")
+    e.add_argument("--img-size", type=int, help="default: the checkpoint's preprocessing input size")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--workers", type=int, default=4)
+    e.add_argument("--max-samples", type=int, help="evaluate a deterministic subset")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+    e.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plot", help="draw loss/accuracy/lr curves of a run to PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+    pl.set_defaults(func=_plot)
+
+
+def resolve_train_config(args: argparse.Namespace):
+    """Recipe -> --data/--epochs/--seed -> --set, validated."""
+    from .config import apply_overrides
+    from .recipes import load_recipe
+
+    cfg = load_recipe(args.recipe)
+    if args.data:
+        cfg.data.dataset = args.data
+    if args.epochs is not None:
+        cfg.schedule.epochs = args.epochs
+        cfg.schedule.warmup_epochs = min(cfg.schedule.warmup_epochs, args.epochs)
+    if args.seed is not None:
+        cfg.run.seed = args.seed
+    return apply_overrides(cfg, args.overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import dump_yaml
+    from .recipes import DEFAULT_RECIPE, list_recipes
+
+    if args.list_recipes:
+        print("\n".join(list_recipes()))
+        return 0
+    if args.resume:
+        if args.dry_run or args.recipe or args.data or args.overrides:
+            raise ValueError("--resume continues a run with its saved config; drop --recipe/--data/--set/--dry-run")
+        from .loop import train
+        res = train(None, resume=args.resume)  # type: ignore[arg-type]
+        _print_summary(res)
+        return 0
+    cfg = resolve_train_config(args)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        return 0
+    out = args.out or f"runs/{Path(args.recipe or DEFAULT_RECIPE).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (Path(out) / "last.pt").exists():
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    from .loop import train
+    res = train(cfg, out)
+    _print_summary(res)
+    return 0
+
+
+def _print_summary(res) -> None:
+    import os
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    s = res.summary
+    lines = [f"run directory   {res.run_dir}",
+             f"best top-1      {res.best_top1:.2f}% ({res.best_source} weights, epoch {res.best_epoch})"]
+    if res.deploy_top1 is not None:
+        lines.append(f"deploy top-1    {res.deploy_top1:.2f}% (fused model, {s.get('deploy_params', 0):,} params)")
+    lines += [f"wall time       {res.wall_s / 60:.1f} min",
+              f"saved           {res.run_dir}/best.safetensors (train form), {res.run_dir}/deploy.safetensors (fused)",
+              f"next            repvit eval {res.run_dir}/deploy.safetensors --data <data>; repvit plot {res.run_dir}"]
+    print("\n".join(lines))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+    res = evaluate_checkpoint(args.checkpoint, args.data, form=args.form, eval_crop=args.preprocessing,
+                              batch_size=args.batch_size, device=args.device, img_size=args.img_size,
+                              num_workers=args.workers, max_samples=args.max_samples, split=args.split)
+    for r in res["results"]:
+        print(f"{r['weights']:>7} ({r['form']}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  "
+              f"on {r['n']} images" + (f", {r['skipped']} unreadable skipped" if r["skipped"] else ""))
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0

@@ -1,0 +1,47 @@
+"""Build the student model a config describes (fresh, fine-tuned from a checkpoint, or ablated)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from repvit.models import build_model
+from repvit.models.repvit import ConvBN, RepDWConv
+
+from .config import TrainConfig
+
+__all__ = ["build_student", "strip_reparam_branches"]
+
+
+def strip_reparam_branches(model: nn.Module) -> nn.Module:
+    """Ablation: replace every RepVGG token mixer (dw3x3+BN, dw1x1, identity, BN) by one dw3x3+BN.
+
+    The result has the same deploy-form architecture, so it isolates what the training-time
+    branches contribute (paper ablation: re-parameterisation on vs off).
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, RepDWConv):
+            dim = child.conv.c.in_channels
+            setattr(model, name, ConvBN(dim, dim, 3, groups=dim))
+        else:
+            strip_reparam_branches(child)
+    return model
+
+
+def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """Random init, or ``model.pretrained`` loaded with a new head when the class count differs."""
+    distill = cfg.model.distillation or cfg.distill.kind != "none"
+    kw = dict(drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    if cfg.model.pretrained:
+        import repvit
+        model = repvit.create_model(cfg.model.name, checkpoint=cfg.model.pretrained, deploy=False,
+                                    num_classes=num_classes, in_chans=in_chans, **kw)
+        if getattr(model, "deploy", False):
+            raise ValueError(f"{cfg.model.pretrained} holds a fused (deploy) model, which cannot be trained; "
+                             "fine-tune from a train-form checkpoint (e.g. best.safetensors, not deploy.safetensors)")
+        if model.distillation != distill:
+            model.reset_classifier(num_classes, distillation=distill)
+    else:
+        model = build_model(cfg.model.name, distillation=distill, num_classes=num_classes, in_chans=in_chans, **kw)
+    if not cfg.model.reparam_branches:
+        strip_reparam_branches(model)
+    return model

@@ -1,0 +1,139 @@
+"""Knowledge distillation: DeiT-style hard and soft losses, teacher loading, optional logit caching.
+
+The student's second head (``head_dist``) learns from the teacher, the class head from the labels:
+``loss = (1 - alpha) * base(cls, y) + alpha * kd(dist, teacher)`` with
+hard: ``CE(dist, argmax teacher)`` and soft: ``KL(softmax(teacher/T) || softmax(dist/T)) * T^2``
+(batch mean; DeiT additionally divides its soft term by the number of classes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DistillationLoss", "FrozenTeacher", "build_teacher", "teacher_targets", "precompute_teacher_logits"]
+
+
+class DistillationLoss(nn.Module):
+    """Combine the label loss of the class head with the teacher loss of the distillation head.
+
+    ``teacher`` is either raw teacher logits (online teacher) or, with ``teacher_is_dist=True``,
+    a per-sample target distribution already built by :func:`teacher_targets` (and possibly mixed
+    by mixup like the labels) - the precomputed path.
+    """
+
+    def __init__(self, base: nn.Module, kind: str = "hard", alpha: float = 0.5, tau: float = 1.0) -> None:
+        super().__init__()
+        if kind not in ("none", "hard", "soft"):
+            raise ValueError(f"distillation kind must be none, hard or soft, got {kind!r}")
+        self.base, self.kind, self.alpha, self.tau = base, kind, alpha, tau
+
+    def forward(self, outputs, target: torch.Tensor, teacher: torch.Tensor | None = None,
+                teacher_is_dist: bool = False) -> torch.Tensor:
+        if self.kind == "none":
+            return self.base(outputs, target)
+        if not isinstance(outputs, (tuple, list)):
+            raise ValueError("distillation needs the (cls, dist) outputs: build the student with distillation=True "
+                             "and call model.set_distilled_training(True)")
+        if teacher is None:
+            raise ValueError("distillation loss called without teacher outputs")
+        cls, dist = outputs
+        base = self.base(cls, target)
+        p = teacher if teacher_is_dist else teacher_targets(teacher, self.kind, self.tau)
+        p = p.to(dist.dtype if dist.dtype == torch.float32 else torch.float32)
+        if self.kind == "hard":
+            kd = -(p * F.log_softmax(dist.float(), dim=-1)).sum(-1).mean()
+        else:
+            t = self.tau
+            log_q = F.log_softmax(dist.float() / t, dim=-1)
+            kd = (p * (torch.log(p.clamp_min(1e-12)) - log_q)).sum(-1).mean() * (t * t)
+        return (1 - self.alpha) * base + self.alpha * kd
+
+
+@torch.no_grad()
+def teacher_targets(logits: torch.Tensor, kind: str, tau: float = 1.0) -> torch.Tensor:
+    """Teacher logits -> target distribution: one-hot argmax (hard) or softmax(logits / tau) (soft)."""
+    logits = logits.float()
+    if kind == "hard":
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return F.softmax(logits / tau, dim=-1)
+
+
+class FrozenTeacher(nn.Module):
+    """Wraps a teacher: no gradients, always in eval mode (``train()`` cannot switch it back)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return self  # a teacher's BatchNorm statistics must never be updated
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _load_state(src: str) -> dict:
+    if src.startswith(("http://", "https://")):
+        sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", check_hash=False)
+    else:
+        p = Path(src)
+        if not p.is_file():
+            raise FileNotFoundError(f"teacher checkpoint {p} not found")
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_chans: int) -> FrozenTeacher:
+    """Teacher from a checkpoint file (any format repvit reads), a repvit variant, or a timm model name.
+
+    A timm teacher loads ``checkpoint`` (URL or file, e.g. the DeiT RegNetY-16GF weights); without
+    one it uses timm's pretrained weights.
+    """
+    import repvit
+    from repvit.models import list_models
+
+    if Path(name).is_file():
+        model = repvit.create_model(checkpoint=name)
+    elif name.replace("-", "_").replace(".", "_") in list_models():
+        model = repvit.create_model(name, checkpoint=checkpoint, num_classes=num_classes, in_chans=in_chans) \
+            if checkpoint else repvit.create_model(name, pretrained=True)
+    else:
+        import timm
+        if not timm.is_model(name):
+            raise ValueError(f"teacher {name!r} is neither a file, a repvit variant nor a timm model name")
+        model = timm.create_model(name, pretrained=checkpoint is None, num_classes=num_classes, in_chans=in_chans)
+        if checkpoint:
+            model.load_state_dict(_load_state(checkpoint))
+    if getattr(model, "num_classes", num_classes) != num_classes:
+        raise ValueError(f"teacher predicts {model.num_classes} classes but the data has {num_classes}")
+    return FrozenTeacher(model)
+
+
+@torch.no_grad()
+def precompute_teacher_logits(teacher: nn.Module, dataset, *, batch_size: int, device: torch.device,
+                              collate) -> torch.Tensor:
+    """Teacher logits for every sample of ``dataset`` (evaluation transform), indexed by sample."""
+    from torch.utils.data import DataLoader
+    outs = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        x = batch[0]
+        if batch[-1]:
+            raise RuntimeError("the training set holds unreadable images; remove them before using "
+                               "distill.precompute (cached logits are indexed by sample)")
+        outs.append(teacher(x.to(device)).float().cpu())
+    return torch.cat(outs)

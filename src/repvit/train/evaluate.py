@@ -1,0 +1,137 @@
+"""Top-1/top-5 evaluation: a loop usable during training (DDP-aware) and checkpoint evaluation for ``repvit eval``."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from repvit.data import build_data, shard_range, skip_none_collate
+
+from .dist import all_reduce_sum
+
+__all__ = ["evaluate", "evaluate_checkpoint", "autocast_ctx"]
+
+
+def autocast_ctx(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" or device.type == "cpu" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int = 256, amp: str = "none",
+             channels_last: bool = False, num_workers: int = 0, world_size: int = 1, rank: int = 0,
+             collate=skip_none_collate) -> dict[str, float]:
+    """Top-1 / top-5 (percent) and mean CE loss over ``dataset``; each rank takes a shard, counts are summed."""
+    was_training = model.training
+    model.eval()
+    shard = Subset(dataset, list(shard_range(len(dataset), world_size, rank)))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    sums = torch.zeros(5, dtype=torch.float64)   # correct1, correct5, loss_sum, n, skipped
+    for batch in loader:
+        x, y, skipped = batch[0], batch[1], batch[-1]
+        sums[4] += skipped
+        if len(y) == 0:
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_ctx(device, amp):
+            out = model(x)
+        out = (out[0] + out[1]) / 2 if isinstance(out, (tuple, list)) else out
+        out = out.float()
+        k = min(5, out.shape[1])
+        top = out.topk(k, dim=1).indices
+        hit = top.eq(y[:, None])
+        sums[0] += hit[:, :1].sum().item()
+        sums[1] += hit.any(dim=1).sum().item()
+        sums[2] += nn.functional.cross_entropy(out, y, reduction="sum").item()
+        sums[3] += len(y)
+    sums = all_reduce_sum(sums.to(device)).cpu() if world_size > 1 else sums
+    model.train(was_training)
+    n = max(sums[3].item(), 1.0)
+    return {"top1": 100.0 * sums[0].item() / n, "top5": 100.0 * sums[1].item() / n,
+            "loss": sums[2].item() / n, "n": int(sums[3].item()), "skipped": int(sums[4].item())}
+
+
+def _models_from_train_state(path: Path) -> tuple[list[tuple[str, nn.Module]], dict]:
+    from .builder import build_student
+    from .checkpoint import load_train_state
+    from .config import config_from_dict
+
+    state = load_train_state(path)
+    cfg = config_from_dict(state["config"])
+    meta = state.get("data_info", {})
+    num_classes, in_chans = int(meta["num_classes"]), int(meta["in_chans"])
+    cfg.model.pretrained = None
+    out = []
+    for key in ("model", "ema"):
+        if state.get(key) is not None:
+            m = build_student(cfg, num_classes, in_chans)
+            m.load_state_dict(state[key])
+            m.preprocessing = meta.get("preprocessing")
+            out.append(("raw" if key == "model" else "ema", m))
+    return out, {"config": cfg}
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval_crop: str = "official",
+                        batch_size: int = 128, device: str = "auto", img_size: int | None = None,
+                        num_workers: int = 4, max_samples: int | None = None, data_format: str = "auto",
+                        split: str = "val") -> dict[str, Any]:
+    """Evaluate a checkpoint (our .safetensors, any format repvit reads, or a run's last.pt / run dir).
+
+    Returns ``{"top1", "top5", "results": [{"weights", "form", "top1", "top5", ...}], ...}``; the
+    top-level numbers are those of the EMA weights when the checkpoint holds them, else the raw ones.
+    """
+    import repvit
+    from repvit.reparam import reparameterize
+
+    from .config import AugConfig, DataConfig
+
+    p = Path(checkpoint)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} not found")
+    if form not in ("train", "deploy"):
+        raise ValueError(f"--form must be train or deploy, got {form!r}")
+    if p.is_dir() or p.suffix == ".pt" and (p.is_dir() or _is_train_state(p)):
+        models, _ = _models_from_train_state(p)
+    else:
+        models = [("weights", repvit.create_model(checkpoint=str(p)))]
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    pre = getattr(models[0][1], "preprocessing", None) or {}
+    size = img_size or (pre.get("input_size") or [3, 224, 224])[-1]
+    dcfg = DataConfig(dataset=data, format=data_format, img_size=size, eval_crop=eval_crop, val_split=split,
+                      num_workers=num_workers, max_val_samples=max_samples,
+                      mean=tuple(pre["mean"]) if pre.get("mean") else None,
+                      std=tuple(pre["std"]) if pre.get("std") else None,
+                      interpolation=pre.get("interpolation", "bicubic"))
+    bundle = build_data(dcfg, AugConfig(), train=False)
+    results = []
+    for name, model in models:
+        if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
+            raise ValueError(f"the checkpoint predicts {model.num_classes} classes but {data} has "
+                             f"{bundle.num_classes}")
+        m = reparameterize(model) if form == "deploy" and not getattr(model, "deploy", False) else model
+        r = evaluate(m.to(dev), bundle.val, device=dev, batch_size=batch_size,
+                     num_workers=0 if bundle.train is None and bundle.name in ("fashion-mnist", "digits") else num_workers)
+        results.append({"weights": name, "form": "deploy" if getattr(m, "deploy", False) or form == "deploy" else "train",
+                        **r})
+    main = next((r for r in results if r["weights"] == "ema"), results[0])
+    return {"checkpoint": str(p), "data": bundle.name, "eval_crop": eval_crop, "img_size": size,
+            "top1": main["top1"], "top5": main["top5"], "n": main["n"], "results": results}
+
+
+def _is_train_state(p: Path) -> bool:
+    # our resumable checkpoints are zip-format torch files with a 'config' entry; others go to create_model
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(state, dict) and "config" in state and "micro" in state

@@ -1,0 +1,481 @@
+"""The training loop: one process or DDP (torchrun), accumulation, AMP, EMA, AGC, exact resume.
+
+Order inside one optimizer update (``accum_steps`` micro-batches):
+forward/backward each micro-batch (DDP gradient sync only on the last), stop on a non-finite
+loss before anything is stepped, unscale (fp16), clip (AGC by default), optimizer step, EMA
+update, scheduler update. Checkpoints are written atomically at epoch ends (and every
+``run.checkpoint_every_steps`` updates), so a run killed at any moment resumes from the last
+one and ends with the same weights as an uninterrupted run (CPU, same seed, no worker processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import repvit
+from repvit.data import DataBundle, GlobalBatchSampler, build_data
+from repvit.reparam import reparameterize
+
+from .builder import build_student
+from .checkpoint import atomic_torch_save, capture_rng, load_train_state, restore_rng, rotate
+from .config import TrainConfig, config_from_dict, config_to_dict, dump_yaml
+from .dist import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .distill import DistillationLoss, build_teacher, precompute_teacher_logits, teacher_targets
+from .evaluate import autocast_ctx, evaluate
+
+__all__ = ["train", "NonFiniteLossError", "TrainResult"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stopped without touching the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_top1: float
+    best_source: str
+    best_epoch: int
+    deploy_top1: float | None
+    epochs: int
+    wall_s: float
+    summary: dict
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Adds the sample index to each item (for cached teacher logits); keeps ``None`` for skipped images."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        item = self.ds[i]
+        return None if item is None else (*item, i)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _eval_view(ds, bundle: DataBundle, cfg: TrainConfig):
+    """The training set with the evaluation transform (for teacher logit caching)."""
+    from torch.utils.data import Subset
+
+    from repvit.data.transforms import eval_transform
+    base, indices = (ds.dataset, ds.indices) if isinstance(ds, Subset) else (ds, None)
+    view = copy.copy(base)
+    if hasattr(view, "eraser"):                          # built-in tensor dataset
+        view.train, view.eraser = False, None
+    else:
+        view.transform = eval_transform(cfg.data.img_size, eval_crop=cfg.data.eval_crop,
+                                        interpolation=cfg.data.interpolation, mean=bundle.mean, std=bundle.std)
+    return Subset(view, indices) if indices is not None else view
+
+
+def _make_logger(run_dir: Path | None, main: bool) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if not main:
+            return
+        print(msg, flush=True)
+        if run_dir is not None:
+            with open(run_dir / "train.log", "a") as f:
+                f.write(msg + "\n")
+    return log
+
+
+def _truncate_metrics(path: Path, before_epoch: int) -> None:
+    """On resume, drop metric lines of epochs the checkpoint does not include (they are redone)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < before_epoch]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _mix(mixup, x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothing: float,
+         extra: torch.Tensor | None = None):
+    """timm Mixup/CutMix on a batch; also mixes per-sample teacher targets with the same lambda."""
+    from timm.data.mixup import mixup_target
+    lam = mixup._mix_batch(x)   # batch mode (official recipe): one lambda, partner = reversed batch
+    y = mixup_target(y, num_classes, lam, smoothing)
+    if extra is not None:
+        extra = extra * lam + extra.flip(0) * (1.0 - lam)
+    return x, y, extra
+
+
+def _build_loss(cfg: TrainConfig, mixup_on: bool) -> nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if mixup_on:
+        base: nn.Module = SoftTargetCrossEntropy()          # targets already smoothed by mixup_target
+    elif cfg.aug.smoothing > 0:
+        base = LabelSmoothingCrossEntropy(cfg.aug.smoothing)
+    else:
+        base = nn.CrossEntropyLoss()
+    return DistillationLoss(base, cfg.distill.kind, cfg.distill.alpha, cfg.distill.tau)
+
+
+def _resolve_amp(cfg: TrainConfig, device: torch.device, log) -> str:
+    amp = cfg.run.amp
+    if amp == "fp16" and device.type == "cpu":
+        log("note: fp16 autocast is not useful on CPU; using bf16 instead (set run.amp=none for float32)")
+        amp = "bf16"
+    return amp
+
+
+def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
+          log_fn: Callable[[str], None] | None = None) -> TrainResult:
+    """Train as ``cfg`` says, writing the run to ``out_dir`` (or continuing ``resume``)."""
+    t_start = time.perf_counter()
+    state = None
+    if resume is not None:
+        state = load_train_state(resume)
+        cfg = config_from_dict(state["config"])
+        out_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+    if out_dir is None:
+        raise ValueError("train() needs out_dir (or resume)")
+    run_dir = Path(out_dir)
+    di = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, run_dir, state, di, log_fn, t_start)
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, log_fn, t_start: float) -> TrainResult:
+    if di.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = log_fn or _make_logger(run_dir, di.is_main)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = di.device
+    _seed_all(cfg.run.seed + di.rank)
+
+    # ---- data first: a wrong path or layout fails before anything expensive happens
+    bundle = build_data(cfg.data, cfg.aug, train=True, seed=cfg.run.seed, num_classes=cfg.model.num_classes)
+    for note in bundle.notes:
+        log(note)
+    num_classes = cfg.model.num_classes or bundle.num_classes
+    in_chans = cfg.model.in_chans or bundle.in_chans
+    if di.is_main and state is None:
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(dump_yaml(cfg))
+        os.replace(tmp, run_dir / "config.yaml")
+
+    # ---- model, teacher, EMA
+    model = build_student(cfg, num_classes, in_chans)
+    model.preprocessing = bundle.preprocessing
+    distill = cfg.distill.kind != "none"
+    if distill:
+        model.set_distilled_training(True)
+    model.to(device)
+    if cfg.run.sync_bn and di.distributed:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log("note: run.sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); using per-process BN")
+    if cfg.run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    raw_model = model
+    ema = None
+    if cfg.ema.enabled:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(raw_model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+    teacher = None
+    if distill:
+        teacher = build_teacher(cfg.distill.teacher, cfg.distill.teacher_checkpoint, num_classes=num_classes,
+                                in_chans=in_chans).to(device)
+        if cfg.run.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+
+    world = di.world_size
+    accum = cfg.accum_steps(world)
+    global_batch = cfg.global_batch(world)
+    lr = cfg.lr(world)
+    sampler = GlobalBatchSampler(len(bundle.train), global_batch, world_size=world, rank=di.rank, accum_steps=accum,
+                                 repeats=cfg.aug.repeated_aug, seed=cfg.run.seed, max_steps=cfg.run.max_steps_per_epoch)
+    updates_per_epoch = sampler.steps
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    # timm's weight-decay filter skips 1-D parameters: every norm weight and bias (official recipe)
+    optimizer = create_optimizer_v2(raw_model, opt=cfg.optim.opt, lr=lr, weight_decay=cfg.optim.weight_decay,
+                                    eps=cfg.optim.eps, betas=tuple(cfg.optim.betas))
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.schedule.sched, num_epochs=cfg.schedule.epochs,
+                                       warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
+                                       min_lr=cfg.schedule.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    amp = _resolve_amp(cfg, device, log)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" and device.type == "cuda" else None
+
+    # ---- resume
+    start_epoch, start_micro, step = 0, 0, 0
+    best = {"top1": -1.0, "epoch": -1, "source": "raw"}
+    if state is not None:
+        raw_model.load_state_dict(state["model"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch, start_micro, step = int(state["epoch"]), int(state["micro"]), int(state["step"])
+        best = dict(state.get("best", best))
+        rngs = state["rng"]
+        restore_rng(rngs[di.rank] if di.rank < len(rngs) else rngs[0])
+        if di.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+        log(f"resumed from {run_dir / 'last.pt'}: epoch {start_epoch}, micro-batch {start_micro}, update {step}")
+    scheduler.step_update(step)
+
+    if di.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(model) if cfg.run.compile else model
+
+    # ---- distillation targets cached once, if asked
+    cached = None
+    if distill and cfg.distill.precompute:
+        cache = run_dir / "teacher_logits.pt"
+        if cache.exists():
+            cached = torch.load(cache, map_location="cpu", weights_only=True)
+        else:
+            log("precomputing teacher logits on the un-augmented training set ...")
+            cached = precompute_teacher_logits(teacher, _eval_view(bundle.train, bundle, cfg),
+                                               batch_size=cfg.run.batch_size, device=device, collate=bundle.collate)
+            if di.is_main:
+                atomic_torch_save(cached, cache)
+        cached = teacher_targets(cached, cfg.distill.kind, cfg.distill.tau)
+
+    mixup_on = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
+    mixup = None
+    if mixup_on:
+        from timm.data import Mixup
+        mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
+                      switch_prob=cfg.aug.mixup_switch_prob, mode="batch", label_smoothing=cfg.aug.smoothing,
+                      num_classes=num_classes)
+    criterion = _build_loss(cfg, mixup_on)
+
+    from timm.utils import dispatch_clip_grad
+    tb = None
+    if cfg.run.tensorboard and di.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install 'repvit[train]'") from e
+        tb = SummaryWriter(str(run_dir / "tb"))
+
+    log(f"training {cfg.model.name} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
+        f"{num_classes} classes, {in_chans}x{bundle.img_size}x{bundle.img_size}; global batch {global_batch} "
+        f"= {world} process(es) x {cfg.run.batch_size} x {accum} accumulation; lr {lr:.3g}; "
+        f"{updates_per_epoch} updates/epoch; device {device}, amp {amp}")
+
+    def save_last(epoch: int, micro: int) -> None:
+        rngs = [capture_rng()]
+        if di.distributed:
+            import torch.distributed as tdist
+            gathered: list[Any] = [None] * world
+            tdist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if not di.is_main:
+            return
+        atomic_torch_save({
+            "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch, "micro": micro, "step": step, "rng": rngs, "best": best,
+            "config": config_to_dict(cfg), "world_size": world,
+            "data_info": {"num_classes": num_classes, "in_chans": in_chans, "preprocessing": bundle.preprocessing},
+        }, run_dir / "last.pt")
+
+    def save_best(which: nn.Module) -> None:
+        if di.is_main:
+            m = copy.deepcopy(which).float().cpu().to(memory_format=torch.contiguous_format)
+            m.preprocessing = bundle.preprocessing
+            if distill:
+                m.set_distilled_training(False)
+            repvit.save_checkpoint(m, run_dir / "best.safetensors", preprocessing=bundle.preprocessing)
+
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        first = start_micro if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first)
+        loader = DataLoader(_Indexed(bundle.train), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                            collate_fn=bundle.collate, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch),
+                            persistent_workers=False)
+        train_model.train()
+        loss_sum, loss_n, skipped, seen = 0.0, 0, 0, 0
+        t0 = time.perf_counter()
+        bar = None
+        if di.is_main and cfg.run.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(sampler), initial=first, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}",
+                       unit="batch", dynamic_ncols=True, leave=False, file=sys.stderr)
+        micro = first
+        for micro, batch in enumerate(loader, start=first):
+            x, y, idx, n_skip = batch
+            skipped += n_skip
+            if mixup is not None and len(y) % 2:
+                x, y, idx = x[:-1], y[:-1], idx[:-1]     # mixup pairs samples; keep the batch even
+            m_in_step = micro % accum
+            last_micro = m_in_step == accum - 1
+            if len(y):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cfg.run.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                t_target = cached[idx].to(device) if cached is not None else None
+                if mixup is not None:
+                    x, y, t_target = _mix(mixup, x, y, num_classes, cfg.aug.smoothing, t_target)
+                sync = contextlib.nullcontext() if (last_micro or not di.distributed) else model.no_sync()
+                with sync:
+                    with autocast_ctx(device, amp):
+                        out = train_model(x)
+                        if distill and cached is None:
+                            with torch.no_grad():
+                                t_target = teacher(x).float()
+                    loss = criterion(out, y, t_target, teacher_is_dist=cached is not None)
+                    _check_finite(loss, di, epoch, step, micro, run_dir)
+                    scaled = loss / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += loss.item() * len(y)
+                loss_n += len(y)
+                seen += len(y)
+            if last_micro:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.optim.clip_mode != "none" and cfg.optim.clip_grad:
+                    dispatch_clip_grad(raw_model.parameters(), cfg.optim.clip_grad, mode=cfg.optim.clip_mode)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if ema is not None:
+                    ema.update(raw_model, step=step)
+                scheduler.step_update(step)
+                every = cfg.run.checkpoint_every_steps
+                if every and step % every == 0 and micro + 1 < len(sampler):
+                    save_last(epoch, micro + 1)
+            if bar is not None:
+                dt = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{seen * world / max(dt, 1e-9):.0f}", refresh=False)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        epoch_time = time.perf_counter() - t0
+        tot = all_reduce_sum(torch.tensor([loss_sum, loss_n, skipped, seen], dtype=torch.float64, device=device)).cpu()
+        train_loss = tot[0].item() / max(tot[1].item(), 1.0)
+        n_skipped = int(tot[2].item())
+
+        # ---- evaluate raw and EMA weights, keep the best
+        ev_kw = dict(device=device, batch_size=max(cfg.run.batch_size, 64), amp=amp if device.type == "cuda" else "none",
+                     channels_last=cfg.run.channels_last, world_size=world, rank=di.rank, collate=bundle.collate,
+                     num_workers=cfg.data.num_workers)
+        if distill:
+            raw_model.set_distilled_training(False)
+        ev = evaluate(raw_model, bundle.val, **ev_kw)
+        ev_ema = evaluate(ema.module, bundle.val, **ev_kw) if ema is not None else None
+        if distill:
+            raw_model.set_distilled_training(True)
+        cand = [("raw", ev, raw_model)]
+        if ev_ema is not None:
+            cand.append(("ema", ev_ema, ema.module))
+        if cfg.run.save_best_from != "auto":
+            cand = [c for c in cand if c[0] == cfg.run.save_best_from] or cand
+        src, res, mod = max(cand, key=lambda c: c[1]["top1"])
+        if res["top1"] > best["top1"]:
+            best = {"top1": res["top1"], "epoch": epoch, "source": src}
+            save_best(mod)
+        rec = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+               "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"],
+               "epoch_time_s": epoch_time, "train_img_s": tot[3].item() / max(epoch_time, 1e-9),
+               "skipped_images": n_skipped}
+        if ev_ema is not None:
+            rec.update(ema_val_top1=ev_ema["top1"], ema_val_top5=ev_ema["top5"], ema_val_loss=ev_ema["loss"])
+        if di.is_main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if tb is not None:
+                for k, v in rec.items():
+                    if k != "epoch":
+                        tb.add_scalar(k, v, epoch)
+        ema_txt = f", ema top1 {ev_ema['top1']:.2f}" if ev_ema is not None else ""
+        skip_txt = f", skipped {n_skipped} unreadable images" if n_skipped else ""
+        log(f"epoch {epoch + 1}/{cfg.schedule.epochs}: train loss {train_loss:.4f}, val top1 {ev['top1']:.2f} "
+            f"top5 {ev['top5']:.2f}{ema_txt}, {rec['train_img_s']:.0f} img/s, {epoch_time:.0f}s{skip_txt}")
+        save_last(epoch + 1, 0)
+        if di.is_main:
+            rotate(run_dir, epoch + 1, cfg.run.keep_last)
+    if tb is not None:
+        tb.close()
+
+    # ---- final: best weights in train and deploy form
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "best_top1": best["top1"], "best_source": best["source"],
+                               "best_epoch": best["epoch"] + 1, "epochs": cfg.schedule.epochs}
+    deploy_top1 = None
+    if di.is_main and (run_dir / "best.safetensors").exists():
+        best_model = repvit.create_model(checkpoint=str(run_dir / "best.safetensors")) \
+            if cfg.model.reparam_branches else None
+        if best_model is None:     # the ablated architecture is not a registered variant: load by hand
+            best_model = build_student(_no_pretrained(cfg), num_classes, in_chans)
+            repvit.load_checkpoint(best_model, run_dir / "best.safetensors")
+        deployed = reparameterize(best_model)
+        deployed.preprocessing = bundle.preprocessing
+        repvit.save_checkpoint(deployed, run_dir / "deploy.safetensors", preprocessing=bundle.preprocessing)
+        dres = evaluate(deployed.to(device), bundle.val, device=device, batch_size=max(cfg.run.batch_size, 64),
+                        collate=bundle.collate)
+        deploy_top1 = dres["top1"]
+        summary.update(deploy_top1=dres["top1"], deploy_top5=dres["top5"],
+                       deploy_params=sum(p.numel() for p in deployed.parameters()))
+    wall = time.perf_counter() - t_start
+    summary["wall_s"] = wall
+    if di.is_main:
+        tmp = run_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, run_dir / "summary.json")
+    return TrainResult(run_dir, best["top1"], best["source"], best["epoch"] + 1, deploy_top1,
+                       cfg.schedule.epochs, wall, summary)
+
+
+def _no_pretrained(cfg: TrainConfig) -> TrainConfig:
+    c = copy.deepcopy(cfg)
+    c.model.pretrained = None
+    return c
+
+
+def _check_finite(loss: torch.Tensor, di: DistInfo, epoch: int, step: int, micro: int, run_dir: Path) -> None:
+    """Stop every rank together when any rank sees a NaN/inf loss; checkpoints are left as they are."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    if di.distributed:
+        all_reduce_sum(bad)
+    if bad.item() > 0:
+        last = run_dir / "last.pt"
+        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, update {step + 1} (micro-batch {micro}); "
+            f"stopping. {where}. Lower optim.base_lr, keep clipping on, or try run.amp=bf16/none, then --resume.")

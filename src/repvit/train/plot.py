@@ -1,0 +1,60 @@
+"""``repvit plot RUN_DIR``: loss / accuracy / learning-rate curves from metrics.jsonl to a PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["read_metrics", "plot_run"]
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}; pass a run directory written by `repvit train`")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i} is not JSON: {e}") from e
+    if not rows:
+        raise ValueError(f"{path} has no epochs yet; plot after the first epoch finishes")
+    return rows
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw train/val loss, top-1 (raw and EMA) and lr per epoch; returns the PNG path."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError("repvit plot needs matplotlib: pip install 'repvit[plot]'") from e
+    rows = read_metrics(run_dir)
+    ep = [r["epoch"] + 1 for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot(ep, [r["train_loss"] for r in rows], "o-", label="train loss")
+    if "val_loss" in rows[0]:
+        ax[0].plot(ep, [r["val_loss"] for r in rows], "o-", label="val loss")
+    ax[1].plot(ep, [r["val_top1"] for r in rows], "o-", label="val top-1 (raw)")
+    if "ema_val_top1" in rows[0]:
+        ax[1].plot(ep, [r["ema_val_top1"] for r in rows], "o-", label="val top-1 (EMA)")
+    if "lr" in rows[0]:
+        ax[2].plot(ep, [r["lr"] for r in rows], "o-", label="lr (end of epoch)")
+    for a, title in zip(ax, ("loss", "accuracy (%)", "learning rate")):
+        a.set_xlabel("epoch")
+        a.set_title(title)
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(str(Path(run_dir).resolve().name))
+    fig.tight_layout()
+    dst = Path(out) if out else (Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent) / "curves.png"
+    tmp = dst.with_name(f".{dst.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, dst)
+    return dst
