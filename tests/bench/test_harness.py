@@ -39,7 +39,8 @@ def test_latency_stats_and_paired_ratio():
 
 
 def test_run_bench_produces_documented_fields():
-    res = run_bench(["repvit_m0_6"], ["eager", "onnxruntime"], input_size=64, warmup=0, iters=2, rounds=1,
+    # one thread: on a loaded shared machine two spinning OpenMP threads can stall for seconds
+    res = run_bench(["repvit_m0_6"], ["eager", "onnxruntime"], threads=1, input_size=64, warmup=0, iters=2, rounds=1,
                     peak=True, peak_n=64, downstream=True, downstream_size=64, log=lambda s: None)
     assert res["schema"] == "repvit.bench/1"
     for k in ("cpu_model", "logical_cpus", "threads", "cpus", "cpu_flags", "native_bf16", "torch", "onnxruntime"):
@@ -93,7 +94,7 @@ def test_unknown_model_and_runtime_are_clean_cli_errors(capsys):
 def test_bench_cli_writes_json_markdown_plot(tmp_path: Path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--models", "repvit_m0_6", "--runtimes", "eager", "--input-size", "64", "--warmup", "0",
+    rc = main(["bench", "--models", "repvit_m0_6", "--runtimes", "eager", "--threads", "1", "--input-size", "64", "--warmup", "0",
                "--iters", "1", "--rounds", "1", "--no-peak", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -104,7 +105,7 @@ def test_bench_cli_writes_json_markdown_plot(tmp_path: Path):
 
 def test_roadmap_cli_json_is_a_list_of_steps(tmp_path: Path):
     out = tmp_path / "roadmap.json"
-    rc = main(["roadmap", "--input-size", "64", "--warmup", "0", "--iters", "1", "--rounds", "1", "--json", str(out)])
+    rc = main(["roadmap", "--threads", "1", "--input-size", "64", "--warmup", "0", "--iters", "1", "--rounds", "1", "--json", str(out)])
     assert rc == 0
     steps = json.loads(out.read_text())
     assert isinstance(steps, list) and len(steps) == 10
@@ -113,3 +114,23 @@ def test_roadmap_cli_json_is_a_list_of_steps(tmp_path: Path):
         assert s["latency_ms"] > 0 and s["params"] > 0
     assert steps[-1]["params"] == 5067056  # fused RepViT-M0.9, reference sheet exact count
     assert out.with_suffix(".png").exists()
+
+
+def test_pin_threads_sets_and_restores():
+    import os
+
+    import torch
+
+    from repvit.bench.machine import pin_threads
+    before_threads = torch.get_num_threads()
+    before_aff = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    with pin_threads(1) as p:
+        assert p["threads"] == 1 and len(p["cpus"]) == 1 and torch.get_num_threads() == 1
+        if before_aff is not None:
+            assert os.sched_getaffinity(0) == set(p["cpus"])
+    assert torch.get_num_threads() == before_threads
+    if before_aff is not None:
+        assert os.sched_getaffinity(0) == before_aff
+    with pytest.raises(ValueError, match="threads"):
+        with pin_threads(10_000):
+            pass

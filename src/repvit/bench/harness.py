@@ -148,7 +148,16 @@ def run_bench(
     rts = check_runtimes(list(runtimes or DEFAULT_RUNTIMES))
     if input_size < 32 or downstream_size < 32:
         raise ValueError("input sizes must be >= 32 pixels (RepViT downsamples by 32)")
-    pinned = pin_threads(threads)
+    with pin_threads(threads) as pinned:
+        return _run_pinned(pinned, entries, rts, input_size=input_size, warmup=warmup, iters=iters, rounds=rounds,
+                           downstream=downstream, downstream_size=downstream_size,
+                           downstream_models=downstream_models, peak=peak, peak_n=peak_n, log=log)
+
+
+def _run_pinned(pinned: dict, entries: list[ModelEntry], rts: list[str], *, input_size: int, warmup: int,
+                iters: int, rounds: int, downstream: bool, downstream_size: int,
+                downstream_models: list[str] | None, peak: bool, peak_n: int,
+                log: Callable[[str], None]) -> dict[str, Any]:
     info = {**machine_info(pinned["threads"]), "cpus": pinned["cpus"], "interop_threads": pinned["interop_threads"]}
     size = (input_size, input_size)
     result: dict[str, Any] = {

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -41,26 +42,32 @@ def native_bf16() -> bool:
     return f["avx512_bf16"] or f["amx_bf16"]
 
 
-def pin_threads(threads: int | None) -> dict:
-    """Use ``threads`` intra-op threads in every runtime and pin the process to that many CPUs.
+@contextlib.contextmanager
+def pin_threads(threads: int | None) -> Iterator[dict]:
+    """Use ``threads`` intra-op threads and pin the process to that many CPUs while inside;
+    the previous affinity and torch thread count are restored on exit.
 
-    Returns what was set (for the report). ``None`` means one thread per available CPU.
+    Yields what was set (for the report). ``None`` means one thread per available CPU.
+    ONNX Runtime and OpenVINO sessions get the same count from the harness.
     """
-    avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    has_aff = hasattr(os, "sched_getaffinity")
+    before = os.sched_getaffinity(0) if has_aff else set(range(os.cpu_count() or 1))
+    avail = sorted(before)
     n = len(avail) if threads is None else threads
     if n < 1:
         raise ValueError(f"--threads must be >= 1, got {n}")
     if n > len(avail):
         raise ValueError(f"--threads {n} exceeds the {len(avail)} CPUs this process may use")
-    cpus = avail[:n]
-    if hasattr(os, "sched_setaffinity"):
+    cpus, torch_before = avail[:n], torch.get_num_threads()
+    if has_aff:
         os.sched_setaffinity(0, cpus)
     torch.set_num_threads(n)
-    try:  # only settable before the first inter-op parallel call
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    return {"threads": n, "cpus": cpus, "interop_threads": torch.get_num_interop_threads()}
+    try:
+        yield {"threads": n, "cpus": cpus, "interop_threads": torch.get_num_interop_threads()}
+    finally:
+        torch.set_num_threads(torch_before)
+        if has_aff:
+            os.sched_setaffinity(0, before)
 
 
 def _version(mod: str) -> str | None:

@@ -29,7 +29,13 @@ def run_roadmap(
     check_runtimes([runtime])
     if input_size < 32:
         raise ValueError("input_size must be >= 32 pixels")
-    pinned = pin_threads(threads)
+    with pin_threads(threads) as pinned:
+        return _run_pinned(pinned, runtime=runtime, input_size=input_size, warmup=warmup, iters=iters,
+                           rounds=rounds, measure=measure, log=log)
+
+
+def _run_pinned(pinned: dict, *, runtime: str, input_size: int, warmup: int, iters: int, rounds: int,
+                measure: bool, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     meta = {**machine_info(pinned["threads"]), "cpus": pinned["cpus"], "runtime": runtime,
             "input_size": input_size, "warmup": warmup, "iters": iters, "rounds": rounds}
     example = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
