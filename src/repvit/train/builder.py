@@ -9,7 +9,7 @@ from repvit.models.repvit import ConvBN, RepDWConv
 
 from .config import TrainConfig
 
-__all__ = ["build_student", "strip_reparam_branches"]
+__all__ = ["build_student", "strip_reparam_branches", "model_from_file"]
 
 
 def strip_reparam_branches(model: nn.Module) -> nn.Module:
@@ -45,3 +45,16 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
     if not cfg.model.reparam_branches:
         strip_reparam_branches(model)
     return model
+
+
+def model_from_file(path: str, **kwargs) -> nn.Module:
+    """``repvit.create_model`` for a file whose variant is read from the file itself."""
+    import repvit
+    from repvit.weights.io import read_checkpoint
+    from repvit.weights.layouts import matching_variants
+
+    ck = read_checkpoint(path)
+    variant = ck.metadata.get("variant") or next(iter(matching_variants(ck.info)), None)
+    if not variant:
+        raise ValueError(f"{path}: cannot tell which RepViT variant it holds ({ck.info.describe()})")
+    return repvit.create_model(variant, checkpoint=path, **kwargs)

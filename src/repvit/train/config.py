@@ -230,6 +230,11 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
             raise ValueError(f"config key {path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key {path}: expected a number, got {value!r}")
         return float(value)

@@ -107,8 +107,10 @@ def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_cha
     import repvit
     from repvit.models import list_models
 
+    from .builder import model_from_file
+
     if Path(name).is_file():
-        model = repvit.create_model(checkpoint=name)
+        model = model_from_file(name)
     elif name.replace("-", "_").replace(".", "_") in list_models():
         model = repvit.create_model(name, checkpoint=checkpoint, num_classes=num_classes, in_chans=in_chans) \
             if checkpoint else repvit.create_model(name, pretrained=True)

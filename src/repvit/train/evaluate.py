@@ -89,7 +89,6 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     Returns ``{"top1", "top5", "results": [{"weights", "form", "top1", "top5", ...}], ...}``; the
     top-level numbers are those of the EMA weights when the checkpoint holds them, else the raw ones.
     """
-    import repvit
     from repvit.reparam import reparameterize
 
     from .config import AugConfig, DataConfig
@@ -102,7 +101,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     if p.is_dir() or p.suffix == ".pt" and (p.is_dir() or _is_train_state(p)):
         models, _ = _models_from_train_state(p)
     else:
-        models = [("weights", repvit.create_model(checkpoint=str(p)))]
+        from .builder import model_from_file
+        models = [("weights", model_from_file(str(p)))]
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     pre = getattr(models[0][1], "preprocessing", None) or {}

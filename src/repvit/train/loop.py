@@ -38,7 +38,7 @@ from .dist import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .distill import DistillationLoss, build_teacher, precompute_teacher_logits, teacher_targets
 from .evaluate import autocast_ctx, evaluate
 
-__all__ = ["train", "NonFiniteLossError", "TrainResult"]
+__all__ = ["train", "NonFiniteLossError", "TrainResult", "build_optimization"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,6 +135,23 @@ def _build_loss(cfg: TrainConfig, mixup_on: bool) -> nn.Module:
     return DistillationLoss(base, cfg.distill.kind, cfg.distill.alpha, cfg.distill.tau)
 
 
+def build_optimization(cfg: TrainConfig, model: nn.Module, *, world_size: int, updates_per_epoch: int):
+    """AdamW (no decay on norms/biases) + per-update cosine schedule with linear warmup (timm)."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    # timm's weight-decay filter skips 1-D parameters: every norm weight and bias (official recipe)
+    optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.lr(world_size),
+                                    weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
+                                    betas=tuple(cfg.optim.betas))
+    # stepped every update (t_in_epochs=False) so short runs warm up smoothly; at epoch boundaries the
+    # values equal the official per-epoch schedule
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.schedule.sched, num_epochs=cfg.schedule.epochs,
+                                       warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
+                                       min_lr=cfg.schedule.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    return optimizer, scheduler
+
+
 def _resolve_amp(cfg: TrainConfig, device: torch.device, log) -> str:
     amp = cfg.run.amp
     if amp == "fp16" and device.type == "cpu":
@@ -216,15 +233,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                                  repeats=cfg.aug.repeated_aug, seed=cfg.run.seed, max_steps=cfg.run.max_steps_per_epoch)
     updates_per_epoch = sampler.steps
 
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    # timm's weight-decay filter skips 1-D parameters: every norm weight and bias (official recipe)
-    optimizer = create_optimizer_v2(raw_model, opt=cfg.optim.opt, lr=lr, weight_decay=cfg.optim.weight_decay,
-                                    eps=cfg.optim.eps, betas=tuple(cfg.optim.betas))
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.schedule.sched, num_epochs=cfg.schedule.epochs,
-                                       warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
-                                       min_lr=cfg.schedule.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
+    optimizer, scheduler = build_optimization(cfg, raw_model, world_size=world, updates_per_epoch=updates_per_epoch)
     amp = _resolve_amp(cfg, device, log)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" and device.type == "cuda" else None
 
@@ -439,11 +448,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                                "best_epoch": best["epoch"] + 1, "epochs": cfg.schedule.epochs}
     deploy_top1 = None
     if di.is_main and (run_dir / "best.safetensors").exists():
-        best_model = repvit.create_model(checkpoint=str(run_dir / "best.safetensors")) \
-            if cfg.model.reparam_branches else None
-        if best_model is None:     # the ablated architecture is not a registered variant: load by hand
-            best_model = build_student(_no_pretrained(cfg), num_classes, in_chans)
-            repvit.load_checkpoint(best_model, run_dir / "best.safetensors")
+        # rebuild the exact training architecture (also the ablated one) and load the best weights
+        from safetensors.torch import load_file
+        best_model = build_student(_no_pretrained(cfg), num_classes, in_chans)
+        best_model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
         deployed = reparameterize(best_model)
         deployed.preprocessing = bundle.preprocessing
         repvit.save_checkpoint(deployed, run_dir / "deploy.safetensors", preprocessing=bundle.preprocessing)

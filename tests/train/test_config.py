@@ -1,0 +1,104 @@
+"""Recipes: every shipped one parses; ImageNet ones equal the official recipe; overrides and errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repvit.models import list_models
+from repvit.train.config import TrainConfig, apply_overrides, config_from_dict, dump_yaml
+from repvit.train.recipes import IMAGENET_VARIANTS, list_recipes, load_recipe
+
+
+REF = Path("/work/shared/reference/repvit_reference.json")
+
+
+def test_every_shipped_recipe_parses_and_round_trips():
+    names = list_recipes()
+    assert {"digits", "fashion_mnist"} <= set(names)
+    for name in names:
+        cfg = load_recipe(name)
+        again = config_from_dict(yaml.safe_load(dump_yaml(cfg)))
+        assert again == cfg, name
+
+
+def test_imagenet_recipes_exist_for_all_nine_variants_and_schedules():
+    assert set(IMAGENET_VARIANTS) == set(list_models())
+    for v in IMAGENET_VARIANTS:
+        for e in (300, 450):
+            for suffix in ("", "_distill"):
+                cfg = load_recipe(f"{v}_{e}e{suffix}")
+                assert cfg.model.name == v and cfg.schedule.epochs == e
+                assert (cfg.distill.kind == "hard") == bool(suffix)
+                assert cfg.model.distillation == bool(suffix)
+
+
+@pytest.mark.skipif(not REF.exists(), reason="reference sheet not available")
+def test_imagenet_recipes_equal_official_defaults():
+    off = json.loads(REF.read_text())["training_recipe_official"]
+    total = off["batch_per_gpu"] * off["gpus"]
+    lr_factor = float(re.match(r"([\d.e-]+) \* total_batch / (\d+)", off["lr"]).group(1))
+    lr_div = int(re.match(r"([\d.e-]+) \* total_batch / (\d+)", off["lr"]).group(2))
+    wd = float(re.search(r"weight decay ([\d.]+)", off["optimizer"]).group(1))
+    warm = re.search(r"(\d+) warmup epochs from ([\d.e-]+), min lr ([\d.e-]+)", off["schedule"])
+    aa = re.search(r"(rand-[\w.-]+)", off["augment"]).group(1)
+    for name in (n for n in list_recipes() if re.match(r"repvit_m.*_\d+e", n)):
+        c = load_recipe(name)
+        assert c.global_batch() == total == 2048
+        assert c.run.batch_size == off["batch_per_gpu"]
+        assert c.lr() == pytest.approx(lr_factor * total / lr_div)
+        assert c.accum_steps(1) == 8 and c.lr(1) == c.lr(8)  # one GPU emulates the 2048 batch, same lr
+        assert c.optim.opt == "adamw" and c.optim.weight_decay == wd and c.optim.eps == 1e-8
+        assert c.schedule.sched == "cosine" and c.schedule.warmup_epochs == float(warm.group(1))
+        assert c.schedule.warmup_lr == float(warm.group(2)) and c.schedule.min_lr == float(warm.group(3))
+        assert c.optim.clip_mode == "agc" and c.optim.clip_grad == 0.02
+        assert c.ema.enabled and c.ema.decay == off["ema"]
+        assert c.aug.auto_augment == aa
+        assert c.aug.reprob == 0.25 and c.aug.remode == "pixel"
+        assert c.aug.mixup == 0.8 and c.aug.cutmix == 1.0 and c.aug.smoothing == 0.1
+        assert c.aug.repeated_aug == 3
+        assert c.data.interpolation == "bicubic" and c.data.img_size == 224
+        assert c.schedule.epochs in (off["epochs"], off["alt_epochs"])
+        if name.endswith("_distill"):
+            assert c.distill.teacher == "regnety_160" and "regnety_160" in c.distill.teacher_checkpoint
+            assert c.distill.alpha == 0.5
+
+
+def test_set_overrides_and_errors():
+    cfg = apply_overrides(TrainConfig(), ["optim.base_lr=5e-4", "run.batch_size=128", "aug.scale=[0.2, 1.0]"])
+    assert cfg.optim.base_lr == 5e-4 and cfg.run.batch_size == 128 and cfg.aug.scale == (0.2, 1.0)
+    assert cfg.accum_steps(1) == 16
+    with pytest.raises(ValueError, match="Did you mean optim.base_lr"):
+        config_from_dict({"optim": {"base_lrr": 1.0}})
+    with pytest.raises(ValueError, match="unknown config key"):
+        apply_overrides(TrainConfig(), ["optim.nope=1"])
+    with pytest.raises(ValueError, match="expected an integer"):
+        apply_overrides(TrainConfig(), ["run.batch_size=abc"])
+    with pytest.raises(ValueError, match="distill.kind must be one of"):
+        apply_overrides(TrainConfig(), ["distill.kind=medium"])
+    with pytest.raises(ValueError, match="multiple of run.batch_size"):
+        apply_overrides(TrainConfig(), ["run.batch_size=300"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        load_recipe("repvit_m0_9_301e")
+
+
+def test_cli_dry_run_prints_resolved_yaml(capsys):
+    from repvit.cli import main
+
+    def cli(*args):
+        rc = main(list(args))
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    rc, out, _ = cli("train", "--recipe", "repvit_m1_1_450e_distill", "--data", "/data/imagenet", "--epochs", "3",
+                     "--set", "run.batch_size=64", "--dry-run")
+    cfg = config_from_dict(yaml.safe_load(out))
+    assert rc == 0 and cfg.model.name == "repvit_m1_1" and cfg.schedule.epochs == 3 and cfg.run.batch_size == 64
+    assert cfg.data.dataset == "/data/imagenet" and cfg.distill.kind == "hard"
+    assert config_from_dict(yaml.safe_load(cli("train", "--dry-run")[1])).data.dataset == "fashion-mnist"
+    rc, _, err = cli("train", "--set", "optim.lrr=1", "--dry-run")
+    assert rc == 2 and "Did you mean" in err

@@ -1,0 +1,138 @@
+"""Schedule values, distillation losses, AGC and EMA against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repvit.models import build_model
+from repvit.train.distill import DistillationLoss, FrozenTeacher, teacher_targets
+from repvit.train.loop import build_optimization
+from repvit.train.recipes import load_recipe
+
+
+@pytest.mark.parametrize("world, accum", [(8, 1), (1, 8)])
+def test_official_schedule_values_at_given_epochs(world, accum):
+    cfg = load_recipe("repvit_m0_9_300e")
+    assert cfg.accum_steps(world) == accum
+    model = build_model("repvit_m0_6", num_classes=10)
+    upe = 10   # updates per epoch
+    opt, sched = build_optimization(cfg, model, world_size=world, updates_per_epoch=upe)
+    peak, lo, w0 = 4e-3, 1e-5, 1e-6
+
+    def lr_at(epoch: float) -> float:
+        sched.step_update(int(round(epoch * upe)))
+        return opt.param_groups[0]["lr"]
+
+    def cosine(epoch: float) -> float:
+        return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * epoch / 300))
+
+    assert lr_at(0) == pytest.approx(w0)
+    assert lr_at(2.5) == pytest.approx(w0 + (peak - w0) * 0.5)        # linear warmup, halfway
+    assert lr_at(5) == pytest.approx(cosine(5))
+    assert lr_at(150) == pytest.approx((peak + lo) / 2)
+    assert lr_at(240) == pytest.approx(cosine(240))
+    assert lr_at(300) == pytest.approx(lo)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    cfg = load_recipe("repvit_m0_9_300e")
+    model = build_model("repvit_m0_6", num_classes=10)
+    opt, _ = build_optimization(cfg, model, world_size=8, updates_per_epoch=10)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if p.ndim <= 1:
+                assert g["weight_decay"] == 0.0, by_id[id(p)]
+            else:
+                assert g["weight_decay"] == 0.025, by_id[id(p)]
+
+
+def test_hard_distillation_loss_by_hand():
+    cls = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    dist = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]])
+    y = torch.tensor([0, 1])
+    teacher = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 1.0]])   # argmax: 1, 0
+    loss = DistillationLoss(nn.CrossEntropyLoss(), "hard", alpha=0.5)((cls, dist), y, teacher)
+
+    def ce(logits, t):
+        return -(logits[t] - math.log(sum(math.exp(v) for v in logits)))
+    base = (ce([2.0, 0.0, -1.0], 0) + ce([0.5, 0.5, 0.0], 1)) / 2
+    kd = (ce([0.0, 1.0, 0.0], 1) + ce([1.0, -1.0, 2.0], 0)) / 2
+    assert loss.item() == pytest.approx(0.5 * base + 0.5 * kd, rel=1e-6)
+    # alpha weights the two terms
+    l2 = DistillationLoss(nn.CrossEntropyLoss(), "hard", alpha=0.25)((cls, dist), y, teacher)
+    assert l2.item() == pytest.approx(0.75 * base + 0.25 * kd, rel=1e-6)
+
+
+def test_soft_distillation_loss_by_hand():
+    cls = torch.tensor([[1.0, 0.0]])
+    dist = torch.tensor([[0.0, 2.0]])
+    teacher = torch.tensor([[1.0, -1.0]])
+    y = torch.tensor([0])
+    tau = 2.0
+    loss = DistillationLoss(nn.CrossEntropyLoss(), "soft", alpha=0.5, tau=tau)((cls, dist), y, teacher)
+
+    def softmax(v):
+        e = [math.exp(x) for x in v]
+        return [x / sum(e) for x in e]
+    p = softmax([0.5, -0.5])            # teacher / tau
+    q = softmax([0.0, 1.0])             # student dist / tau
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    base = -math.log(softmax([1.0, 0.0])[0])
+    assert loss.item() == pytest.approx(0.5 * base + 0.5 * kl * tau * tau, rel=1e-6)
+
+
+def test_precomputed_hard_targets_mix_like_labels():
+    t = torch.tensor([[0.0, 4.0], [3.0, 1.0]])
+    p = teacher_targets(t, "hard")
+    assert torch.equal(p, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    dist = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    mixed = 0.7 * p + 0.3 * p.flip(0)
+    loss = DistillationLoss(nn.CrossEntropyLoss(), "hard", alpha=1.0)((dist, dist), torch.tensor([0, 0]),
+                                                                      mixed, teacher_is_dist=True)
+    ls = F.log_softmax(dist, -1)
+    assert loss.item() == pytest.approx(-(mixed * ls).sum(-1).mean().item(), rel=1e-6)
+
+
+def test_frozen_teacher_stays_in_eval_mode_without_grads():
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    t = FrozenTeacher(net)
+    t.train()
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    before = net[1].running_mean.clone()
+    out = t(torch.randn(8, 4) + 5)
+    assert torch.equal(net[1].running_mean, before) and not out.requires_grad
+
+
+def test_adaptive_gradient_clipping_by_hand():
+    from timm.utils import dispatch_clip_grad
+    w = nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.001]]))      # row norms 5 and 0.001
+    w.grad = torch.tensor([[30.0, 40.0], [0.0, 1.0]])                 # grad row norms 50 and 1
+    dispatch_clip_grad([w], 0.02, mode="agc")
+    # row 0: max = 0.02 * max(5, eps=1e-3) = 0.1 < 50 -> rescaled to norm 0.1
+    assert torch.allclose(w.grad[0], torch.tensor([30.0, 40.0]) * (0.1 / 50.0))
+    # row 1: max = 0.02 * max(0.001, 1e-3) = 2e-5 -> rescaled
+    assert torch.allclose(w.grad[1], torch.tensor([0.0, 1.0]) * 2e-5)
+    b = nn.Parameter(torch.tensor([10.0]))
+    b.grad = torch.tensor([0.1])                                      # 0.1 < 0.02 * 10: untouched
+    dispatch_clip_grad([b], 0.02, mode="agc")
+    assert b.grad.item() == pytest.approx(0.1)
+
+
+def test_ema_update_by_hand():
+    from timm.utils import ModelEmaV3
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = ModelEmaV3(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, step=10)
+    assert ema.module.weight[0, 0].item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+    ema.update(model, step=11)
+    assert ema.module.weight[0, 0].item() == pytest.approx(0.9 * 1.2 + 0.1 * 3.0)
