@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also time features-only backbones at --downstream-size (paper: 512)")
     p.add_argument("--downstream-size", type=int, default=512)
     p.add_argument("--downstream-models", nargs="+", default=None, help="default: the RepViT models of this run")
+    p.add_argument("--downstream-runtimes", nargs="+", default=None,
+                   help="default: eager/onnxruntime/openvino among --runtimes")
     p.add_argument("--no-peak", action="store_true", help="skip the 2048^3 matmul peak measurement")
     p.add_argument("--gpu", action="store_true", help="GPU throughput mode (speed_gpu.py style); needs CUDA")
     p.add_argument("--gpu-batch", type=int, default=256)
@@ -78,6 +80,7 @@ def _bench(args: argparse.Namespace) -> int:
     res = run_bench(models, runtimes, threads=args.threads, input_size=args.input_size, warmup=args.warmup,
                     iters=args.iters, rounds=args.rounds, downstream=args.downstream,
                     downstream_size=args.downstream_size, downstream_models=args.downstream_models,
+                    downstream_runtimes=args.downstream_runtimes,
                     peak=not args.no_peak)
     md = bench_markdown(res)
     print(md)

@@ -4,7 +4,8 @@ JSON written by :func:`run_bench` (``schema: repvit.bench/1``):
 
     machine     cpu_model, logical_cpus, threads, cpus (pinned), cpu_flags, native_bf16,
                 torch / timm / onnxruntime / openvino versions, load_avg_1m_start / _end
-    settings    models, runtimes, input_size, batch (1), warmup, iters, rounds, downstream_size
+    settings    models, runtimes, input_size, batch (1), warmup, iters, rounds, downstream_size,
+                downstream_runtimes
     peak        {fp32|bf16|int8: {n, gflops, latency_ms}}  (n x n matmul, same run)
     results     one row per (model, runtime): model, display, family, source, runtime, dtype,
                 status ("ok" | "unavailable" | "error"), reason, fused, params, macs, macs_counter,
@@ -140,8 +141,8 @@ def _targets(rows: list[dict], ratios: list[dict], model: str = "repvit_m0_9") -
 def run_bench(
     models: list[str] | None = None, runtimes: list[str] | None = None, *, threads: int | None = None,
     input_size: int = 224, warmup: int = 10, iters: int = 10, rounds: int = 5, downstream: bool = False,
-    downstream_size: int = 512, downstream_models: list[str] | None = None, peak: bool = True,
-    peak_n: int = 2048, log: Callable[[str], None] = print,
+    downstream_size: int = 512, downstream_models: list[str] | None = None,
+    downstream_runtimes: list[str] | None = None, peak: bool = True, peak_n: int = 2048, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the benchmark and return the result dict (see the module docstring for the schema)."""
     entries = resolve_models(models)
@@ -151,12 +152,13 @@ def run_bench(
     with pin_threads(threads) as pinned:
         return _run_pinned(pinned, entries, rts, input_size=input_size, warmup=warmup, iters=iters, rounds=rounds,
                            downstream=downstream, downstream_size=downstream_size,
-                           downstream_models=downstream_models, peak=peak, peak_n=peak_n, log=log)
+                           downstream_models=downstream_models, downstream_runtimes=downstream_runtimes,
+                           peak=peak, peak_n=peak_n, log=log)
 
 
 def _run_pinned(pinned: dict, entries: list[ModelEntry], rts: list[str], *, input_size: int, warmup: int,
                 iters: int, rounds: int, downstream: bool, downstream_size: int,
-                downstream_models: list[str] | None, peak: bool, peak_n: int,
+                downstream_models: list[str] | None, downstream_runtimes: list[str] | None, peak: bool, peak_n: int,
                 log: Callable[[str], None]) -> dict[str, Any]:
     info = {**machine_info(pinned["threads"]), "cpus": pinned["cpus"], "interop_threads": pinned["interop_threads"]}
     size = (input_size, input_size)
@@ -182,8 +184,12 @@ def _run_pinned(pinned: dict, entries: list[ModelEntry], rts: list[str], *, inpu
         if downstream:
             ds_entries = resolve_models(downstream_models) if downstream_models else [
                 e for e in entries if e.source == "repvit"] or resolve_models(["repvit_m0_9"])
+            # default: the fp32 deployment runtimes of this run (compile/bf16/int8 at 512 cost minutes each)
+            ds_rts = check_runtimes(downstream_runtimes) if downstream_runtimes else (
+                [r for r in rts if r in ("eager", "onnxruntime", "openvino")] or rts[:1])
+            result["settings"]["downstream_runtimes"] = ds_rts
             log(f"downstream backbones (features only) at {downstream_size}x{downstream_size}")
-            ds = _measure_group(ds_entries, rts, (downstream_size, downstream_size), features_only=True,
+            ds = _measure_group(ds_entries, ds_rts, (downstream_size, downstream_size), features_only=True,
                                 threads=pinned["threads"], warmup=max(2, warmup // 2), iters=iters, rounds=rounds,
                                 workdir=Path(tmp), log=log)
             _add_peak_fraction(ds, result["peak"])

@@ -2,6 +2,7 @@
 callable running one batch-1 inference, plus facts about how it runs.
 
 eager / eager_cl     PyTorch eager fp32 (NCHW / channels_last)
+torchscript          TorchScript frozen + optimize_for_inference (oneDNN prepacked convs) fp32
 eager_bf16           PyTorch eager with bf16 weights and input (emulated on CPUs without bf16)
 compile              torch.compile (inductor, weight freezing) fp32
 onnxruntime          ONNX Runtime CPU fp32, all graph optimisations
@@ -26,7 +27,7 @@ from .machine import native_bf16
 
 __all__ = ["RUNTIMES", "DEFAULT_RUNTIMES", "RuntimeUnavailable", "prepare", "export_onnx"]
 
-RUNTIMES = ("eager", "eager_cl", "eager_bf16", "compile", "onnxruntime", "onnxruntime_int8", "openvino",
+RUNTIMES = ("eager", "eager_cl", "torchscript", "eager_bf16", "compile", "onnxruntime", "onnxruntime_int8", "openvino",
             "openvino_bf16")
 DEFAULT_RUNTIMES = ("eager", "onnxruntime")
 DTYPE = {"eager_bf16": "bf16", "openvino_bf16": "bf16", "onnxruntime_int8": "int8"}
@@ -122,6 +123,15 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
             m = copy.deepcopy(model).to(memory_format=torch.channels_last)  # leave the shared model as is
             x = example.contiguous(memory_format=torch.channels_last)
         return _torch_runner(m, x), facts
+    if runtime == "torchscript":
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model.eval(), example)))
+                m(example)
+        except Exception as e:
+            raise RuntimeUnavailable(f"TorchScript trace/freeze failed: {type(e).__name__}: {str(e)[:200]}") from e
+        return _torch_runner(m, example), facts
     if runtime == "eager_bf16":
         import copy
         m = copy.deepcopy(model).to(torch.bfloat16)
