@@ -164,11 +164,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
+    try:
         parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {path}: directory {parent} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {parent} is not a writable directory ({e.strerror or e})") from e
     os.close(fd)
     try:
         write(tmp)

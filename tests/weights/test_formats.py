@@ -1,0 +1,184 @@
+"""Checkpoint formats: timm parity, official layouts, round trips, EMA choice, fine-tuning."""
+
+import argparse
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import repvit
+from repvit.weights import layouts
+from repvit.weights.io import read_checkpoint
+from tests.conftest import randomize_bn
+
+timm = pytest.importorskip("timm")
+TIMM_VARIANTS = [n for n in repvit.list_models() if n in timm.list_models("repvit*")]
+
+
+def _save_st(sd, path):
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_timm_has_the_variants_we_expect():
+    assert set(TIMM_VARIANTS) == set(repvit.list_models()) - {"repvit_m0_6"}
+
+
+@pytest.mark.parametrize("name", TIMM_VARIANTS)
+def test_timm_weights_give_identical_outputs(name, tmp_path):
+    """Independent implementation parity: timm's model with random weights and BN stats,
+    loaded through our converter, produces the same logits, unfused and fused."""
+    t = randomize_bn(timm.create_model(name, num_classes=20)).eval()
+    _save_st(t.state_dict(), tmp_path / "model.safetensors")
+    ours = repvit.create_model(name, checkpoint=tmp_path / "model.safetensors").eval()
+    assert ours.distillation == t.head.distillation and ours.num_classes == 20
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = t(x)
+        torch.testing.assert_close(ours(x), ref, rtol=0, atol=0)
+        t.fuse()  # timm's own fusion, then load its fused state dict into our deploy form
+        torch.save(t.state_dict(), tmp_path / "fused.pth")
+        ours_fused = repvit.create_model(name, checkpoint=tmp_path / "fused.pth")
+        assert ours_fused.deploy
+        torch.testing.assert_close(ours_fused(x), t(x), rtol=0, atol=0)
+        torch.testing.assert_close(repvit.reparameterize(ours)(x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["repvit_m0_9", "repvit_m1", "repvit_m2_3"])
+def test_our_weights_load_into_timm(name, tmp_path):
+    m = randomize_bn(repvit.create_model(name, distillation=True, num_classes=8)).eval()
+    repvit.save_checkpoint(m, tmp_path / "timm.safetensors", format="timm")
+    from safetensors.torch import load_file
+    t = timm.create_model(name, num_classes=8).eval()
+    t.load_state_dict(load_file(str(tmp_path / "timm.safetensors")), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", repvit.list_models())
+@pytest.mark.parametrize("deploy", [False, True])
+def test_round_trip_ours_timm_official(name, deploy, tmp_path):
+    m = randomize_bn(repvit.create_model(name, distillation=not deploy, num_classes=6))
+    if deploy:
+        m = repvit.reparameterize(m)
+    sd = m.state_dict()
+    repvit.save_checkpoint(m, tmp_path / "a.safetensors")
+    a = repvit.create_model(name, checkpoint=tmp_path / "a.safetensors")
+    repvit.save_checkpoint(a, tmp_path / "b.safetensors", format="timm")
+    b = repvit.create_model(name, checkpoint=tmp_path / "b.safetensors")
+    repvit.save_checkpoint(b, tmp_path / "c.pth", format="official")
+    c = repvit.create_model(name, checkpoint=tmp_path / "c.pth")
+    assert _same(c.state_dict(), sd)
+    assert c.deploy == deploy
+    assert read_checkpoint(tmp_path / "c.pth").source_format == "official"
+    assert read_checkpoint(tmp_path / "b.safetensors").source_format == "timm"
+    assert read_checkpoint(tmp_path / "a.safetensors").source_format == "repvit"
+
+
+def _official_keys_for(name, deploy):
+    spec = repvit.models.get_spec(name)
+    return {a for a, _ in layouts.official_prefix_table(spec.depths, deploy=deploy)}
+
+
+def test_official_layout_matches_the_published_key_names():
+    """Spot-check against key names documented for the THU-MIG release files."""
+    m = repvit.create_model("repvit_m1_1", distillation=True)
+    off = layouts.ours_to_official(m.state_dict())
+    for key in ["features.0.0.c.weight", "features.0.2.bn.running_var",
+                "features.1.token_mixer.0.conv.c.weight", "features.1.token_mixer.0.conv1.weight",
+                "features.1.token_mixer.0.bn.weight", "features.1.token_mixer.1.fc1.weight",
+                "features.1.channel_mixer.m.0.c.weight", "features.1.channel_mixer.m.2.bn.weight",
+                "features.4.token_mixer.0.c.weight", "features.4.token_mixer.2.bn.bias",
+                "classifier.classifier.bn.weight", "classifier.classifier_dist.l.weight"]:
+        assert key in off, key
+    # detection out_indices published per variant are the last block of each stage
+    last = max(int(k.split(".")[1]) for k in off if k.startswith("features."))
+    assert last == 24
+    assert not any(k.startswith("features.2.token_mixer.1.") for k in off)  # block 1 of stage 0: no SE
+    legacy = layouts.ours_to_official(repvit.create_model("repvit_m2").state_dict())
+    assert "features.1.token_mixer.0.conv1.c.weight" in legacy and "features.1.token_mixer.0.bn.weight" not in legacy
+
+
+def _official_release_file(model, path, ema_model=None):
+    """A file shaped like the THU-MIG release: pickle dict with args as an argparse.Namespace."""
+    obj = {
+        "model": layouts.ours_to_official(model.state_dict()),
+        "model_ema": layouts.ours_to_official((ema_model or model).state_dict()),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 4e-3}]},
+        "lr_scheduler": {"last_epoch": 299}, "epoch": 299, "scaler": {"scale": 65536.0},
+        "args": argparse.Namespace(model="repvit_m0_9", batch_size=256, lr=4e-3, distillation_type="hard"),
+    }
+    torch.save(obj, path)
+
+
+def test_official_release_file_loads_safely_and_use_ema_chooses(tmp_path):
+    raw = randomize_bn(repvit.create_model("repvit_m0_9", distillation=True), seed=1)
+    ema = randomize_bn(repvit.create_model("repvit_m0_9", distillation=True), seed=2)
+    _official_release_file(raw, tmp_path / "repvit_m0_9_distill_300e.pth", ema)
+    p = tmp_path / "repvit_m0_9_distill_300e.pth"
+    default = repvit.create_model("repvit_m0_9", checkpoint=p)
+    assert _same(default.state_dict(), raw.state_dict())  # default: raw weights, as the official eval
+    with_ema = repvit.create_model("repvit_m0_9", checkpoint=p, use_ema=True)
+    assert _same(with_ema.state_dict(), ema.state_dict())
+    loaded = repvit.load_checkpoint(repvit.create_model("repvit_m0_9", distillation=True), p, use_ema=True)
+    assert _same(loaded.state_dict(), ema.state_dict())
+
+
+def test_deploy_flag_with_train_checkpoint_fuses(tmp_path):
+    m = randomize_bn(repvit.create_model("repvit_m1_0", distillation=True)).eval()
+    _official_release_file(m, tmp_path / "f.pth")
+    d = repvit.create_model("repvit_m1_0", checkpoint=tmp_path / "f.pth", deploy=True)
+    assert d.deploy
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_with_new_number_of_classes(tmp_path):
+    src = randomize_bn(repvit.create_model("repvit_m0_9", distillation=True))
+    repvit.save_checkpoint(src, tmp_path / "in1k.safetensors")
+    ft = repvit.create_model("repvit_m0_9", checkpoint=tmp_path / "in1k.safetensors", num_classes=10,
+                             distillation=False)
+    assert ft.num_classes == 10 and not ft.distillation
+    body = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    got = ft.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in body.items())
+    assert ft.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    # a fused model can get a new head too (linear probe on a deployed backbone)
+    fused = repvit.reparameterize(src)
+    repvit.save_checkpoint(fused, tmp_path / "deploy.safetensors")
+    probe = repvit.create_model("repvit_m0_9", checkpoint=tmp_path / "deploy.safetensors", num_classes=3)
+    assert probe.deploy and probe(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_our_format_carries_metadata(tmp_path):
+    m = repvit.create_model("repvit_m0_6", in_chans=1, num_classes=10)
+    m.preprocessing = {"input_size": [1, 64, 64], "mean": [0.286], "std": [0.353], "interpolation": "bilinear",
+                       "crop_pct": 1.0}
+    repvit.save_checkpoint(m, tmp_path / "fm.safetensors")
+    ck = read_checkpoint(tmp_path / "fm.safetensors")
+    assert ck.metadata["variant"] == "repvit_m0_6" and ck.metadata["form"] == "train"
+    assert ck.metadata["num_classes"] == 10 and ck.metadata["in_chans"] == 1
+    back = repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "fm.safetensors")
+    assert back.in_chans == 1 and back.preprocessing == m.preprocessing
+
+
+def test_features_only_loads_backbone_from_classifier_checkpoint(tmp_path):
+    src = randomize_bn(repvit.create_model("repvit_m1_1", distillation=True)).eval()
+    repvit.save_checkpoint(src, tmp_path / "c.safetensors")
+    bb = repvit.create_model("repvit_m1_1", checkpoint=tmp_path / "c.safetensors", features_only=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, ref = src.forward_intermediates(x)
+        for a, b in zip(bb(x), ref):
+            torch.testing.assert_close(a, b)
+
+
+def test_ddp_and_compile_prefixes_are_stripped(tmp_path):
+    m = randomize_bn(repvit.create_model("repvit_m0_6"))
+    torch.save({"model": {"module." + k: v for k, v in m.state_dict().items()}}, tmp_path / "ddp.pth")
+    assert _same(repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "ddp.pth").state_dict(), m.state_dict())
