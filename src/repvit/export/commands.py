@@ -1,7 +1,160 @@
-"""Subcommands of this capability (placeholder until implemented)."""
+"""``repvit export`` and ``repvit quantize``."""
+
+from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("onnx", "coreml", "torchscript", "pt2", "executorch")
+_SUFFIX = {"onnx": ".onnx", "coreml": ".mlpackage", "torchscript": ".pt", "pt2": ".pt2", "executorch": ".pte"}
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE",
+                   help="checkpoint file (any supported format, train or deploy form) or a variant name "
+                        "such as repvit_m0_9 (random weights, for latency work)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output file (.mlpackage directory for Core ML)")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="input height and width (default: the model's preprocessing, 224x224 for ImageNet)")
+    p.add_argument("--model", metavar="VARIANT", help="variant of the checkpoint, when the file cannot tell "
+                   "(official/timm files); a checkpoint of another variant is an error")
+    p.add_argument("--num-classes", type=int, help="classifier size for a variant-name SOURCE (default 1000)")
+    p.add_argument("--in-chans", type=int, help="input channels for a variant-name SOURCE (default 3)")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument("--bake-preprocessing", choices=("float", "uint8"),
+                   help="graph input is raw pixels (float 0..1 or uint8 0..255, NCHW) and the graph normalises "
+                        "with the model's mean/std (ONNX, TorchScript, pt2, ExecuTorch)")
+    p.add_argument("--json", action="store_true", help="print the sidecar as JSON")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser("export", help="export a fused model to ONNX, Core ML, TorchScript, torch.export or ExecuTorch",
+                       description="Export the fused (deploy) model. Writes the artefact and a JSON sidecar "
+                                   "(PATH.json) with variant, form, input size, preprocessing, opset/target, sha256.")
+    _source_args(p)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis (ONNX, pt2)")
+    p.add_argument("--fp16", action="store_true", help="Core ML: fp16 compute precision (default fp32)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer; default 18)")
+    p.add_argument("--slim", action="store_true", help="ONNX: simplify the graph (onnxslim, else ORT basic optimisation)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="ONNX exporter: torchscript (fast, default) or dynamo (torch.export based)")
+    p.add_argument("--labels", metavar="FILE", help="Core ML: text file with one class label per line")
+    p.set_defaults(func=_export)
+
+    q = sub.add_parser("quantize", help="INT8 post-training static quantization (ONNX Runtime, QDQ)",
+                       description="Quantize the fused model to an INT8 ONNX model calibrated on real images, "
+                                   "and optionally report the accuracy change on a held-out set.")
+    _source_args(q)
+    q.add_argument("--calib", required=True, metavar="NAME_OR_PATH",
+                   help="calibration images: a folder, or fashion-mnist / digits (their train split)")
+    q.add_argument("--num-calib", type=int, default=256, help="calibration images (default 256)")
+    q.add_argument("--eval", dest="eval_data", metavar="NAME_OR_PATH",
+                   help="held-out set to compare fp32 and INT8 top-1 on (fashion-mnist/digits val split, or a "
+                        "folder with class sub-folders)")
+    q.add_argument("--num-eval", type=int, default=2000, help="held-out images (default 2000)")
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per-channel)")
+    q.add_argument("--keep-float", nargs="+", default=[], choices=("stem", "depthwise", "se", "head"),
+                   help="layer groups left in float (remedies for sensitive layers)")
+    q.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="activation calibration method")
+    q.add_argument("--opset", type=int, default=18)
+    q.set_defaults(func=_quantize)
+
+
+def _load(args: argparse.Namespace):
+    from .source import load_source
+    return load_source(args.source, model=args.model, use_ema=True if args.ema else None,
+                       num_classes=args.num_classes, in_chans=args.in_chans)
+
+
+def _print(info: dict[str, Any], args: argparse.Namespace, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print("\n".join(lines))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .common import check_writable
+
+    out = Path(args.out)
+    if args.format == "coreml" and out.suffix != ".mlpackage":
+        raise ValueError(f"Core ML output must end in .mlpackage (e.g. --out {out.with_suffix('.mlpackage')})")
+    check_writable(out)  # before the (slow) model loading
+    if args.fp16 and args.format != "coreml":
+        raise ValueError("--fp16 applies to --format coreml only")
+    if args.dynamic_batch and args.format not in ("onnx", "pt2"):
+        raise ValueError(f"--dynamic-batch is supported for onnx and pt2, not {args.format} "
+                         "(TorchScript traces accept any batch; ExecuTorch and Core ML programs are static)")
+    if args.bake_preprocessing and args.format == "coreml":
+        raise ValueError("Core ML always takes an image and normalises inside the model; drop --bake-preprocessing")
+    model = _load(args)
+    size = tuple(args.input_size) if args.input_size else None
+    bake = args.bake_preprocessing
+    if args.format == "onnx":
+        from .onnx_export import export_onnx
+        info = export_onnx(model, out, input_size=size, dynamic_batch=args.dynamic_batch, opset=args.opset,
+                           bake_preprocessing=bake, slim=args.slim, exporter=args.exporter)
+        v = info["validation"]
+        detail = (f"opset {info['opset']}, ONNX checker passed, {v['batchnorm_nodes']} BatchNormalization nodes, "
+                  f"max |ORT - PyTorch| = {v['max_abs_diff_vs_torch']:.3g}")
+    elif args.format == "coreml":
+        from .coreml import export_coreml
+        labels = None
+        if args.labels:
+            if not Path(args.labels).is_file():
+                raise FileNotFoundError(f"labels file not found: {args.labels}")
+            labels = [ln.strip() for ln in Path(args.labels).read_text().splitlines() if ln.strip()]
+        info = export_coreml(model, out, input_size=size, fp16=args.fp16, class_labels=labels)
+        detail = f"ML Program ({info['precision']}), spec validated: {info['spec']['num_class_labels']} class labels"
+    elif args.format == "torchscript":
+        from .torch_formats import export_torchscript
+        info = export_torchscript(model, out, input_size=size, bake_preprocessing=bake)
+        detail = f"max |loaded - eager| = {info['validation']['max_abs_diff_vs_eager']:.3g}"
+    elif args.format == "pt2":
+        from .torch_formats import export_program
+        info = export_program(model, out, input_size=size, dynamic_batch=args.dynamic_batch, bake_preprocessing=bake)
+        detail = f"max |loaded - eager| = {info['validation']['max_abs_diff_vs_eager']:.3g}"
+    else:
+        from .torch_formats import export_executorch
+        info = export_executorch(model, out, input_size=size, bake_preprocessing=bake)
+        v = info["validation"]
+        detail = (f"max |ExecuTorch - eager| = {v['max_abs_diff_vs_eager']:.3g}" if "max_abs_diff_vs_eager" in v
+                  else v.get("skipped", ""))
+    c, h, w = info["input_size"]
+    _print(info, args, [f"wrote {out} ({args.format}, {info['variant']}, input {c}x{h}x{w}); {detail}",
+                        f"sidecar: {info['sidecar']}"])
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .common import check_writable
+    from .quantize import quantize_onnx
+
+    out = Path(args.out)
+    check_writable(out)
+    model = _load(args)
+    info = quantize_onnx(
+        model, out, calib=args.calib, input_size=tuple(args.input_size) if args.input_size else None,
+        num_calib=args.num_calib, per_channel=not args.per_tensor, keep_float=args.keep_float, method=args.method,
+        bake_preprocessing=args.bake_preprocessing, eval_data=args.eval_data, num_eval=args.num_eval,
+        opset=args.opset,
+    )
+    q = info["quantization"]
+    lines = [f"wrote {out} (INT8 QDQ, {q['weights']} weights, {q['activations']} activations, "
+             f"calibrated on {q['calibration']['images']} images of {q['calibration']['source']}; "
+             f"{q['kept_float_nodes']} nodes kept float)"]
+    if "eval" in info:
+        e = info["eval"]
+        if "top1_fp32" in e:
+            lines.append(f"held-out {e['source']} ({e['images']} images): top-1 fp32 {e['top1_fp32']:.2f}%, "
+                         f"INT8 {e['top1_int8']:.2f}% (change {-e['top1_drop']:+.2f} points), "
+                         f"prediction agreement {e['agreement_pct']:.1f}%")
+        else:
+            lines.append(f"held-out {e['source']}: prediction agreement with fp32 {e['agreement_pct']:.1f}%")
+    lines.append(f"sidecar: {info['sidecar']}")
+    _print(info, args, lines)
+    return 0

@@ -1,0 +1,231 @@
+"""INT8 post-training quantization of RepViT: accuracy change and speed-up vs fp32, side by side.
+
+For each dataset (Fashion-MNIST, scikit-learn digits) a small RepViT is trained on CPU with a minimal
+loop (cached as a repvit checkpoint, so reruns skip it), then exported to fp32 ONNX and quantized
+with several recipes (per-tensor / per-channel weights, sensitive layers kept in float). Accuracy is
+measured on the held-out split; latency is measured interleaved (every repeat runs every model in
+turn) and reported as median and spread, with speed-ups as ratios to the best fp32 runtime.
+
+    python benchmarks/int8_accuracy.py                       # both datasets, defaults below
+    python benchmarks/int8_accuracy.py --datasets digits --train-seconds 60 --repeats 5
+
+Writes benchmarks/results/int8_accuracy.json and .md (or --out-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import repvit
+from repvit.export.calib import _builtin_arrays, _to_model_input, load_images
+from repvit.export.common import atomic_write_text
+from repvit.export.onnx_export import export_onnx, ort_session
+from repvit.export.quantize import evaluate_onnx, prepare_inputs, quantize_onnx
+from repvit.export.source import to_deploy
+
+# recipes compared: name -> quantize_onnx keyword arguments
+RECIPES = {
+    "int8 per-tensor": dict(per_channel=False),
+    "int8 per-channel": dict(per_channel=True),
+    "int8 per-channel, stem+head float": dict(per_channel=True, keep_float=("stem", "head")),
+    "int8 per-channel, depthwise float": dict(per_channel=True, keep_float=("depthwise",)),
+    "int8 per-channel, entropy calib": dict(per_channel=True, method="entropy"),
+}
+
+
+def train_model(dataset: str, variant: str, img: int, seconds: float, ckpt: Path, seed: int = 0) -> dict:
+    """Minimal CPU training loop (AdamW, cosine over a time-estimated step budget, label smoothing)."""
+    torch.manual_seed(seed)
+    x_np, y_np = _builtin_arrays(dataset, "train")
+    x_u8 = torch.from_numpy(np.ascontiguousarray(x_np))
+    y_all = torch.from_numpy(np.asarray(y_np, dtype=np.int64))
+    # normalisation statistics of the training images, saved with the checkpoint's preprocessing
+    mean, std = float(x_u8.float().mean() / 255), float(x_u8.float().std() / 255)
+    model = repvit.create_model(variant, num_classes=int(y_all.max()) + 1, in_chans=1)
+    model.preprocessing = {"input_size": [1, img, img], "mean": [round(mean, 4)], "std": [round(std, 4)],
+                           "interpolation": "bilinear", "crop_pct": 1.0}
+    pre = model.preprocessing
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.025)
+    bs, pad = 96, max(2, img // 16)
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _to_model_input(x_u8[idx].float().div(255)[:, None], 1, img, img)
+        # random-shift augmentation (pad + crop), the same shift for the whole batch is enough here
+        x = F.pad(x, (pad,) * 4)
+        dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+        x = x[:, :, dy:dy + img, dx:dx + img]
+        return (x - pre["mean"][0]) / pre["std"][0], y_all[idx]
+
+    model.train()
+    t0, step, total = time.perf_counter(), 0, None
+    perm, pos, losses = torch.randperm(len(y_all)), 0, []
+    while True:
+        if pos + bs > len(perm):
+            perm, pos = torch.randperm(len(y_all)), 0
+        x, y = batch(perm[pos:pos + bs])
+        pos += bs
+        if total is not None:
+            for g in opt.param_groups:  # warm-up 3% then cosine to 2% of the peak
+                frac = step / total
+                g["lr"] = 2e-3 * (frac / 0.03 if frac < 0.03 else 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        step += 1
+        if step == 10 and total is None:  # budget the schedule from the measured step time
+            total = max(20, int(seconds / ((time.perf_counter() - t0) / 10)))
+        if total is not None and step >= total:
+            break
+    elapsed = time.perf_counter() - t0
+    model.eval()
+    repvit.save_checkpoint(model, ckpt)
+    return {"steps": step, "batch": bs, "seconds": round(elapsed, 1), "epochs": round(step * bs / len(y_all), 2),
+            "final_loss": round(statistics.mean(losses[-20:]), 4)}
+
+
+def time_interleaved(runners: dict, repeats: int, iters: int) -> dict:
+    """Per runner: median / min / max milliseconds per call over ``repeats`` interleaved rounds."""
+    for fn in runners.values():  # warm-up
+        for _ in range(3):
+            fn()
+    samples = {k: [] for k in runners}
+    for _ in range(repeats):
+        for k, fn in runners.items():
+            t = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            samples[k].append((time.perf_counter() - t) / iters * 1000)
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in samples.items()}
+
+
+def bench_dataset(ds: str, args, workdir: Path) -> dict:
+    ckpt = Path(args.ckpt_dir) / f"{ds}_{args.variant}_{args.img}.safetensors"
+    train_info = None
+    if not ckpt.exists() or args.retrain:
+        print(f"[{ds}] training {args.variant} at {args.img}x{args.img} for ~{args.train_seconds}s ...", flush=True)
+        train_info = train_model(ds, args.variant, args.img, args.train_seconds, ckpt)
+        print(f"[{ds}] trained: {train_info}", flush=True)
+    model = repvit.create_model(args.variant, checkpoint=ckpt)
+    fused = to_deploy(model)
+    pre = fused.preprocessing
+    raw, labels = load_images(ds, pre, split="val", limit=args.num_eval, seed=1)
+    x = prepare_inputs(raw, pre, None)
+    y = labels.numpy()
+
+    fp32 = workdir / f"{ds}_fp32.onnx"
+    export_onnx(fused, fp32, dynamic_batch=True, sidecar=False)
+    with torch.no_grad():
+        torch_pred = torch.cat([fused(torch.from_numpy(x[i:i + 256])) for i in range(0, len(x), 256)]).argmax(1).numpy()
+    rows = {"torch fp32 (fused)": {"top1": float((torch_pred == y).mean() * 100)}}
+    ref = evaluate_onnx(fp32, x, y)
+    rows["onnxruntime fp32"] = {"top1": ref["top1"]}
+    paths = {"onnxruntime fp32": fp32}
+    for name, kw in RECIPES.items():
+        p = workdir / f"{ds}_{name.replace(' ', '_').replace(',', '').replace('+', '_')}.onnx"
+        t = time.perf_counter()
+        info = quantize_onnx(model, p, calib=ds, num_calib=args.num_calib, sidecar=False, **kw)
+        res = evaluate_onnx(p, x, y)
+        rows[name] = {"top1": res["top1"], "agreement_pct": float((res["pred"] == ref["pred"]).mean() * 100),
+                      "top1_drop": ref["top1"] - res["top1"], "quantize_s": round(time.perf_counter() - t, 1),
+                      "size_mb": round(p.stat().st_size / 1e6, 2), "fp32_size_mb": round(fp32.stat().st_size / 1e6, 2),
+                      "kept_float_nodes": info["quantization"]["kept_float_nodes"]}
+        paths[name] = p
+        print(f"[{ds}] {name}: top1 {res['top1']:.2f} (fp32 {ref['top1']:.2f})", flush=True)
+
+    speed = {}
+    torch.set_num_threads(args.threads)
+    for b in args.batches:
+        xb = x[:b] if len(x) >= b else np.repeat(x, math.ceil(b / len(x)), 0)[:b]
+        tb = torch.from_numpy(xb)
+        runners = {"torch fp32 (fused)": (lambda tb=tb: fused(tb))}
+        for name, p in paths.items():
+            s = ort_session(p, threads=args.threads)
+            iname = s.get_inputs()[0].name
+            runners[name] = (lambda s=s, iname=iname, xb=xb: s.run(None, {iname: xb}))
+        with torch.no_grad():
+            t = time_interleaved(runners, args.repeats, max(1, args.iters // b))
+        best_fp32 = min(t["torch fp32 (fused)"]["median_ms"], t["onnxruntime fp32"]["median_ms"])
+        for k in t:
+            t[k]["speedup_vs_best_fp32"] = best_fp32 / t[k]["median_ms"]
+        speed[f"batch{b}"] = t
+        print(f"[{ds}] batch {b}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in t.items()), flush=True)
+    return {"checkpoint": str(ckpt), "train": train_info, "eval_images": int(len(x)), "accuracy": rows,
+            "speed": speed, "preprocessing": pre}
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"# INT8 (ONNX Runtime QDQ static) vs fp32 - {res['variant']} at {res['img']}x{res['img']}", "",
+             f"Machine: {res['machine']}; {res['threads']} threads; {res['repeats']} interleaved repeats "
+             "(median, [min-max]); speed-up = best fp32 median / median.", ""]
+    for ds, r in res["datasets"].items():
+        lines += [f"## {ds} ({r['eval_images']} held-out images)", ""]
+        bkeys = list(r["speed"])
+        lines.append("| model | top-1 % | drop (pts) | agree % | " + " | ".join(f"{b} ms" for b in bkeys)
+                     + " | " + " | ".join(f"{b} speed-up" for b in bkeys) + " |")
+        lines.append("|---" * (4 + 2 * len(bkeys)) + "|")
+        for name, a in r["accuracy"].items():
+            cells = [name, f"{a['top1']:.2f}", f"{a.get('top1_drop', 0.0):+.2f}" if "top1_drop" in a else "-",
+                     f"{a['agreement_pct']:.1f}" if "agreement_pct" in a else "-"]
+            for b in bkeys:
+                s = r["speed"][b][name]
+                cells.append(f"{s['median_ms']:.2f} [{s['min_ms']:.2f}-{s['max_ms']:.2f}]")
+            for b in bkeys:
+                cells.append(f"{r['speed'][b][name]['speedup_vs_best_fp32']:.2f}x")
+            lines.append("| " + " | ".join(cells) + " |")
+        if r["train"]:
+            lines += ["", f"Training: {r['train']}"]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=["fashion-mnist", "digits"])
+    ap.add_argument("--variant", default="repvit_m0_9")
+    ap.add_argument("--img", type=int, default=64)
+    ap.add_argument("--train-seconds", type=float, default=420)
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--ckpt-dir", default=os.path.expanduser("~/.cache/repvit/int8_bench"))
+    ap.add_argument("--num-calib", type=int, default=512)
+    ap.add_argument("--num-eval", type=int, default=None, help="held-out images (default: the whole split)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=64, help="images per timing sample (calls = iters / batch)")
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"variant": args.variant, "img": args.img, "threads": args.threads, "repeats": args.repeats,
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+           "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+           "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
+           "datasets": {}}
+    with tempfile.TemporaryDirectory(prefix="repvit-int8-bench-") as td:
+        for ds in args.datasets:
+            res["datasets"][ds] = bench_dataset(ds, args, Path(td))
+    atomic_write_text(out / "int8_accuracy.json", json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out / "int8_accuracy.md", to_markdown(res))
+    print(to_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
