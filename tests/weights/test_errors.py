@@ -71,16 +71,21 @@ def test_missing_empty_and_foreign_files(tmp_path):
 
 
 class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_unsafe_pickle_is_refused(tmp_path):
     p = tmp_path / "evil.pth"
+    marker = tmp_path / "pwned"
     with open(p, "wb") as f:
-        pickle.dump({"model": {}, "payload": _Evil()}, f)
-    with pytest.raises(CheckpointFormatError, match="refusing to unpickle|truncated or corrupt"):
+        pickle.dump({"model": {}, "payload": _Evil(marker)}, f, protocol=2)  # torch.save's protocol
+    with pytest.raises(CheckpointFormatError, match=r"refusing to unpickle.*Unsupported global.*posix\.system|refusing to unpickle.*os\.system"):
         repvit.create_model("repvit_m0_6", checkpoint=p)
+    assert not marker.exists()
 
 
 def test_unwritable_output(tmp_path):

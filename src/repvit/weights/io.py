@@ -55,15 +55,18 @@ def _torch_load(path: str) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip archives, ...
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "Unsupported global" in str(e) or "weights_only" in str(e):
+        text = str(e)
+        blocked = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln]
+        if blocked:
             raise CheckpointFormatError(
-                f"refusing to unpickle {path}: it contains objects outside the safe allowlist ({msg}). "
+                f"refusing to unpickle {path}: it contains objects outside the safe allowlist ({blocked[0]}). "
                 "Only tensors, plain containers and argparse.Namespace are loaded; re-save the weights as a plain "
-                "state dict (or with `repvit convert`)."
+                "state dict (or with `repvit convert` on a trusted machine)."
             ) from e
+        reason = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
+                       and "PyTorch 2.6" not in ln), type(e).__name__)
         raise CheckpointFormatError(
-            f"could not read checkpoint {path}: the file is truncated or corrupt ({msg}). "
+            f"could not read checkpoint {path}: the file is truncated or corrupt ({reason[:200]}). "
             "Download or export it again."
         ) from e
 

@@ -1,0 +1,50 @@
+"""`repvit models` and `repvit convert`, in-process and as `python -m repvit`."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import repvit
+from repvit.cli import main
+from repvit.models import FACTS
+from repvit.weights.io import read_checkpoint
+from tests.conftest import randomize_bn
+
+
+def test_models_table(tmp_path, capsys):
+    assert main(["models", "--no-macs", "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "m.json").read_text())
+    assert [r["variant"] for r in rows] == repvit.list_models()
+    for r in rows:
+        assert r["train_params"] == FACTS[r["variant"]].train_params_single_head
+        assert r["deploy_params"] == FACTS[r["variant"]].fused_params
+        assert r["variant"] in out
+    assert "| repvit_m0_9 | 5.10 | 5.07 |" in out
+
+
+def test_convert_between_formats(tmp_path, capsys):
+    m = randomize_bn(repvit.create_model("repvit_m1_1", distillation=True)).eval()
+    torch.save({"model": repvit.weights.layouts.ours_to_official(m.state_dict())}, tmp_path / "off.pth")
+    assert main(["convert", str(tmp_path / "off.pth"), str(tmp_path / "ours.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "ours.safetensors"), str(tmp_path / "timm_deploy.safetensors"),
+                 "--to", "timm", "--deploy"]) == 0
+    out = capsys.readouterr().out
+    assert "official-format checkpoint" in out and "deploy form" in out
+    ck = read_checkpoint(tmp_path / "timm_deploy.safetensors")
+    assert ck.source_format == "timm" and ck.info.form == "deploy"
+    d = repvit.create_model("repvit_m1_1", checkpoint=tmp_path / "timm_deploy.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_errors_are_one_clean_line(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint at all")
+    r = subprocess.run([sys.executable, "-m", "repvit", "convert", str(tmp_path / "bad.pth"), str(tmp_path / "o.st")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "repvit convert: error:" in r.stderr and "truncated or corrupt" in r.stderr
+    assert "Traceback" not in r.stderr
