@@ -56,7 +56,7 @@ def _torch_load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip archives, ...
         text = str(e)
-        blocked = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln]
+        blocked = [ln.strip() for ln in text.splitlines() if "unsupported global" in ln.lower()]
         if blocked:
             raise CheckpointFormatError(
                 f"refusing to unpickle {path}: it contains objects outside the safe allowlist ({blocked[0]}). "
