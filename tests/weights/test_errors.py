@@ -83,7 +83,7 @@ def test_unsafe_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     with open(p, "wb") as f:
         pickle.dump({"model": {}, "payload": _Evil(marker)}, f, protocol=2)  # torch.save's protocol
-    with pytest.raises(CheckpointFormatError, match=r"refusing to unpickle.*Unsupported global.*posix\.system|refusing to unpickle.*os\.system"):
+    with pytest.raises(CheckpointFormatError, match=r"refusing to unpickle.*(?i:global) posix\.system"):
         repvit.create_model("repvit_m0_6", checkpoint=p)
     assert not marker.exists()
 
