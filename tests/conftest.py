@@ -1,6 +1,12 @@
+import os
+
 import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+
+# Small test inputs gain nothing from intra-op threads, and on a shared 2-core machine
+# oversubscribed OpenMP threads spin and slow everything down by 10x or more.
+torch.set_num_threads(int(os.environ.get("REPVIT_TEST_THREADS", "1")))
 
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -1,0 +1,115 @@
+"""Fusion is exact: fused == unfused for every variant, no BN left, idempotent, dtype/device kept."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import repvit
+from repvit.reparam import ReparameterizationError, leftover_train_modules
+from tests.conftest import randomize_bn
+
+ALL = repvit.list_models()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fused_equals_unfused_float32(name):
+    m = randomize_bn(repvit.create_model(name, distillation=True, num_classes=11)).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ref = m(x)
+        fused = repvit.reparameterize(m)
+        out = fused(x)
+    assert not any(isinstance(mod, _BatchNorm) for mod in fused.modules())
+    assert leftover_train_modules(fused) == []
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fused_equals_unfused_exactly_in_float64(name):
+    m = randomize_bn(repvit.create_model(name, distillation=True, num_classes=11)).double().eval()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        ref = m(x)
+        fused = repvit.reparameterize(m)
+        out = fused(x)
+    assert all(p.dtype == torch.float64 for p in fused.parameters())
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 1e-9, rel
+
+
+def test_reparameterize_leaves_input_unchanged_and_is_idempotent():
+    m = randomize_bn(repvit.create_model("repvit_m0_6", distillation=True)).eval()
+    before = copy.deepcopy(m.state_dict())
+    fused = repvit.reparameterize(m)
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(isinstance(mod, _BatchNorm) for mod in m.modules())
+    again = repvit.reparameterize(fused)
+    assert again is not fused
+    a, b = fused.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert fused.deploy and not m.deploy
+
+
+def test_deploy_form_constructed_directly_loads_fused_weights_strictly():
+    m = randomize_bn(repvit.create_model("repvit_m1_1", distillation=True)).eval()
+    fused = repvit.reparameterize(m)
+    direct = repvit.create_model("repvit_m1_1", deploy=True)
+    direct.load_state_dict(fused.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(direct.eval()(x), m(x), rtol=1e-4, atol=1e-4)
+    assert [type(a) for a in direct.modules()] == [type(b) for b in fused.modules()]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_dtype_preserved(dtype):
+    m = randomize_bn(repvit.create_model("repvit_m0_6", num_classes=5)).eval()
+    fused = repvit.reparameterize(m.to(dtype))
+    assert {p.dtype for p in fused.parameters()} == {dtype}
+
+
+def test_features_only_backbone_fuses():
+    m = randomize_bn(repvit.create_model("repvit_m0_9", features_only=True)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+        out = repvit.reparameterize(m)(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unfusable_batchnorm_raises_instead_of_being_dropped():
+    m = repvit.create_model("repvit_m0_6", num_classes=3)
+    # a user-added BatchNorm that no fuse() covers: the official helper would swap it for
+    # Identity and silently change outputs; we must refuse
+    m.stages[1].blocks[0].se = nn.Sequential(nn.BatchNorm2d(80))
+    with pytest.raises(ReparameterizationError, match=r"stages\.1\.blocks\.0\.se\.0 \(BatchNorm2d\)"):
+        repvit.reparameterize(m)
+
+
+def test_fusion_uses_running_stats_not_batch_stats():
+    m = randomize_bn(repvit.create_model("repvit_m0_6", num_classes=3))
+    m.train()  # reparameterize must still produce the eval-mode function
+    x = torch.randn(2, 3, 64, 64)
+    fused = repvit.reparameterize(m)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), m.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fused_model_exports(name):
+    fused = repvit.reparameterize(randomize_bn(repvit.create_model(name, num_classes=10)))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = fused(x)
+        scripted = torch.jit.script(fused)
+        torch.testing.assert_close(scripted(x), ref)
+    if name in ("repvit_m0_9", "repvit_m1"):  # torch.export is slower: two representative variants
+        prog = torch.export.export(fused, (x,))
+        with torch.no_grad():
+            torch.testing.assert_close(prog.module()(x), ref)
