@@ -42,7 +42,6 @@ RECIPES = {
     "int8 per-channel": dict(per_channel=True),
     "int8 per-channel, stem+head float": dict(per_channel=True, keep_float=("stem", "head")),
     "int8 per-channel, depthwise float": dict(per_channel=True, keep_float=("depthwise",)),
-    "int8 per-channel, entropy calib": dict(per_channel=True, method="entropy"),
 }
 
 
@@ -117,8 +116,9 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
     ckpt = Path(args.ckpt_dir) / f"{ds}_{args.variant}_{args.img}.safetensors"
     train_info = None
     if not ckpt.exists() or args.retrain:
-        print(f"[{ds}] training {args.variant} at {args.img}x{args.img} for ~{args.train_seconds}s ...", flush=True)
-        train_info = train_model(ds, args.variant, args.img, args.train_seconds, ckpt)
+        print(f"[{ds}] training {args.variant} at {args.img}x{args.img} ...", flush=True)
+        secs = args.train_seconds_digits if ds == "digits" else args.train_seconds
+        train_info = train_model(ds, args.variant, args.img, secs, ckpt)
         print(f"[{ds}] trained: {train_info}", flush=True)
     model = repvit.create_model(args.variant, checkpoint=ckpt)
     fused = to_deploy(model)
@@ -128,7 +128,7 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
     y = labels.numpy()
 
     fp32 = workdir / f"{ds}_fp32.onnx"
-    export_onnx(fused, fp32, dynamic_batch=True, sidecar=False)
+    export_onnx(fused, fp32, dynamic_batch=True, sidecar=False, opset=args.opset)
     with torch.no_grad():
         torch_pred = torch.cat([fused(torch.from_numpy(x[i:i + 256])) for i in range(0, len(x), 256)]).argmax(1).numpy()
     rows = {"torch fp32 (fused)": {"top1": float((torch_pred == y).mean() * 100)}}
@@ -138,7 +138,7 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
     for name, kw in RECIPES.items():
         p = workdir / f"{ds}_{name.replace(' ', '_').replace(',', '').replace('+', '_')}.onnx"
         t = time.perf_counter()
-        info = quantize_onnx(model, p, calib=ds, num_calib=args.num_calib, sidecar=False, **kw)
+        info = quantize_onnx(model, p, calib=ds, num_calib=args.num_calib, sidecar=False, opset=args.opset, **kw)
         res = evaluate_onnx(p, x, y)
         rows[name] = {"top1": res["top1"], "agreement_pct": float((res["pred"] == ref["pred"]).mean() * 100),
                       "top1_drop": ref["top1"] - res["top1"], "quantize_s": round(time.perf_counter() - t, 1),
@@ -198,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", nargs="+", default=["fashion-mnist", "digits"])
     ap.add_argument("--variant", default="repvit_m0_9")
     ap.add_argument("--img", type=int, default=64)
-    ap.add_argument("--train-seconds", type=float, default=420)
+    ap.add_argument("--train-seconds", type=float, default=600, help="training budget for fashion-mnist")
+    ap.add_argument("--train-seconds-digits", type=float, default=180, help="training budget for digits")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--ckpt-dir", default=os.path.expanduser("~/.cache/repvit/int8_bench"))
     ap.add_argument("--num-calib", type=int, default=512)
     ap.add_argument("--num-eval", type=int, default=None, help="held-out images (default: the whole split)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for training and timing (default 1: robust on a shared machine)")
+    ap.add_argument("--opset", type=int, default=20)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=64, help="images per timing sample (calls = iters / batch)")
