@@ -102,15 +102,16 @@ def conv_bn(
 
 
 class RepDWConv(nn.Module):
-    """RepVGG-style depthwise 3x3 token mixer; folds into one depthwise 3x3 conv.
+    """RepVGG-style depthwise kxk token mixer (k=3 in RepViT); folds into one depthwise kxk conv.
 
-    current: ``bn(conv3x3_bn(x) + conv1x1(x) + x)``; legacy: ``conv3x3_bn(x) + conv1x1_bn(x) + x``.
+    current: ``bn(convkxk_bn(x) + conv1x1(x) + x)``; legacy: ``convkxk_bn(x) + conv1x1_bn(x) + x``.
     """
 
-    def __init__(self, dim: int, legacy: bool = False) -> None:
+    def __init__(self, dim: int, legacy: bool = False, kernel_size: int = 3) -> None:
         super().__init__()
         self.legacy = legacy
-        self.conv = ConvBN(dim, dim, 3, groups=dim)
+        self.kernel_size = kernel_size
+        self.conv = ConvBN(dim, dim, kernel_size, groups=dim)
         if legacy:
             self.conv1 = ConvBN(dim, dim, 1, groups=dim)
             self.bn = nn.Identity()
@@ -123,20 +124,20 @@ class RepDWConv(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
-        conv3 = self.conv.fuse()
+        conv_k = self.conv.fuse()
         if self.legacy:
             conv1 = self.conv1.fuse()
             w1, b1 = conv1.weight, conv1.bias
         else:
             w1, b1 = self.conv1.weight, self.conv1.bias
-        fd = _fold_dtype(conv3.weight)
-        identity = torch.zeros_like(conv3.weight, dtype=fd)
-        identity[:, 0, 1, 1] = 1.0
-        w = conv3.weight.to(fd) + F.pad(w1.to(fd), [1, 1, 1, 1]) + identity
-        b = conv3.bias.to(fd) + b1.to(fd)
+        fd, c = _fold_dtype(conv_k.weight), self.kernel_size // 2
+        # 1x1 branch padded to the centre of the kxk kernel; identity = a centred 1
+        w = conv_k.weight.to(fd) + F.pad(w1.to(fd), [c, c, c, c])
+        w[:, 0, c, c] += 1.0
+        b = conv_k.bias.to(fd) + b1.to(fd)
         if isinstance(self.bn, nn.BatchNorm2d):
             w, b = fold_bn(w, b, self.bn)
-        return _conv_like(conv3, w.to(conv3.weight.dtype), b.to(conv3.weight.dtype))
+        return _conv_like(conv_k, w.to(conv_k.weight.dtype), b.to(conv_k.weight.dtype))
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
