@@ -1,0 +1,332 @@
+"""Fashion-MNIST proof run: RepViT-M0.9 vs timm's MobileNetV3-L, plus ablations and training throughput.
+
+Everything is measured side by side in one process: the models of a comparison are stepped in turn
+on the *same* batches (same order, same augmentation), so a busy shared CPU slows them equally.
+
+Parts (all written to OUT/fashion_mnist.json and OUT/fashion_mnist.md):
+  main      RepViT-M0.9 vs mobilenetv3_large_100, same recipe / resolution / number of updates
+  reparam   RepViT-M0.9 with vs without the training-time re-param branches (1x1 + identity)
+  distill   a larger teacher (RepViT-M1.5) trained first, then M0.9 hard-distilled from it vs no distillation
+  speed     training images/s of our RepViT-M0.9 vs timm's repvit_m0_9 in the same loop (ratio), and the
+            effect of channels_last and bf16 autocast on this CPU
+
+Resolution: 32x32 (28x28 zero-padded by 2 then randomly cropped). The stem downsamples by 4, so 28x28
+would leave a 7x7 map after the stem and 1x1 at stride 32; 32x32 gives 8x8 / 1x1 with cleanly divisible
+strides, while a larger upsampled input (e.g. 56 or 64) costs 3-4x the compute for no new information -
+which on a 2-core CPU budget buys fewer epochs.
+
+    python benchmarks/fashion_mnist.py --quick                       # ~10-15 min, subset
+    nice -n 19 python benchmarks/fashion_mnist.py --budget-minutes 60 # full data, epochs fitted to the budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from repvit.data import GlobalBatchSampler, build_data  # noqa: E402
+from repvit.models import build_model  # noqa: E402
+from repvit.train.builder import strip_reparam_branches  # noqa: E402
+from repvit.train.config import TrainConfig, apply_overrides  # noqa: E402
+from repvit.train.distill import DistillationLoss, FrozenTeacher  # noqa: E402
+from repvit.train.evaluate import evaluate  # noqa: E402
+from repvit.train.recipes import load_recipe  # noqa: E402
+
+
+class Trainer:
+    """One model + its optimizer/schedule/EMA, built from the same recipe for every model compared."""
+
+    def __init__(self, name: str, model: nn.Module, cfg: TrainConfig, total_updates: int,
+                 teacher: nn.Module | None = None, channels_last: bool = True) -> None:
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+        from timm.utils import ModelEmaV3
+        self.name, self.model, self.teacher, self.cl = name, model, teacher, channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.opt = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.lr(), weight_decay=cfg.optim.weight_decay)
+        warm = max(1, int(total_updates * 0.05))
+        self.sched = CosineLRScheduler(self.opt, t_initial=total_updates, lr_min=cfg.schedule.min_lr,
+                                       warmup_t=warm, warmup_lr_init=cfg.schedule.warmup_lr, t_in_epochs=False)
+        self.ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=True)
+        from timm.loss import LabelSmoothingCrossEntropy
+        self.loss = DistillationLoss(LabelSmoothingCrossEntropy(cfg.aug.smoothing),
+                                     "hard" if teacher is not None else "none")
+        if teacher is not None:
+            model.set_distilled_training(True)
+        self.clip = cfg.optim.clip_grad
+        self.step_n, self.busy_s, self.images, self.loss_sum = 0, 0.0, 0, 0.0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.model.train()
+        if self.cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.model(x)
+        t_logits = self.teacher(x) if self.teacher is not None else None
+        loss = self.loss(out, y, t_logits)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{self.name}: non-finite loss at update {self.step_n + 1}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.step_n += 1
+        self.ema.update(self.model, step=self.step_n)
+        self.sched.step_update(self.step_n)
+        self.busy_s += time.perf_counter() - t0
+        self.images += len(y)
+        self.loss_sum += loss.item()
+
+    def result(self, val, batch: int) -> dict:
+        if self.teacher is not None:
+            self.model.set_distilled_training(False)
+        raw = evaluate(self.model, val, device=torch.device("cpu"), batch_size=batch, channels_last=self.cl)
+        ema = evaluate(self.ema.module, val, device=torch.device("cpu"), batch_size=batch, channels_last=self.cl)
+        best = max((raw, "raw"), (ema, "ema"), key=lambda r: r[0]["top1"])
+        return {"model": self.name, "top1": best[0]["top1"], "top5": best[0]["top5"], "weights": best[1],
+                "raw_top1": raw["top1"], "ema_top1": ema["top1"], "updates": self.step_n,
+                "train_images": self.images, "train_s": round(self.busy_s, 1),
+                "img_per_s": round(self.images / max(self.busy_s, 1e-9), 1),
+                "params": sum(p.numel() for p in self.model.parameters())}
+
+
+def side_by_side(trainers: list[Trainer], bundle, cfg: TrainConfig, epochs: float, deadline: float, log) -> None:
+    """Feed every trainer the same batches in turn until ``epochs`` are done or the deadline passes."""
+    gb = cfg.run.batch_size
+    sampler = GlobalBatchSampler(len(bundle.train), gb, seed=cfg.run.seed)
+    total = trainers[0].sched.t_initial
+    done, epoch = 0, 0
+    while done < total:
+        sampler.set_epoch(epoch)
+        loader = DataLoader(bundle.train, batch_sampler=sampler, collate_fn=bundle.collate,
+                            generator=torch.Generator().manual_seed(epoch))
+        for x, y, _ in loader:
+            order = trainers if done % 2 == 0 else trainers[::-1]   # alternate who goes first
+            for t in order:
+                t.step(x, y)
+            done += 1
+            if done % 50 == 0:
+                log(f"  update {done}/{total}: " + ", ".join(
+                    f"{t.name} loss {t.loss_sum / t.step_n:.3f} {t.images / t.busy_s:.0f} img/s" for t in trainers))
+            if done >= total or time.time() > deadline:
+                break
+        epoch += 1
+        if time.time() > deadline:
+            log(f"  budget reached after {done} updates ({done / max(1, len(sampler)):.2f} epochs)")
+            break
+
+
+def speed(args, log) -> dict:
+    """Training images/s: ours vs timm's RepViT-M0.9, and channels_last / bf16 effects (median of rounds)."""
+    import timm
+    x = torch.randn(args.batch, 1, args.res, args.res)
+    y = torch.randint(0, 10, (args.batch,))
+
+    def make(kind: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+        m = build_model("repvit_m0_9", num_classes=10, in_chans=1) if kind == "ours" else \
+            timm.create_model("repvit_m0_9", num_classes=10, in_chans=1)
+        return m, torch.optim.AdamW(m.parameters(), 1e-3)
+
+    def step(m, opt, cl: bool, bf16: bool) -> float:
+        xi = x.contiguous(memory_format=torch.channels_last) if cl else x
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(m(xi).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    configs = {"ours": ("ours", False, False), "timm": ("timm", False, False),
+               "ours_channels_last": ("ours", True, False), "ours_bf16": ("ours", False, True),
+               "ours_channels_last_bf16": ("ours", True, True), "timm_channels_last": ("timm", True, False)}
+    models = {}
+    for name, (kind, cl, _) in configs.items():
+        m, opt = make(kind)
+        if cl:
+            m.to(memory_format=torch.channels_last)
+        models[name] = (m, opt)
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for name, (m, opt) in models.items():          # warm-up
+        step(m, opt, configs[name][1], configs[name][2])
+    for r in range(args.speed_rounds):              # interleaved rounds, order rotated each round
+        names = list(configs)
+        names = names[r % len(names):] + names[:r % len(names)]
+        for name in names:
+            m, opt = models[name]
+            times[name].append(step(m, opt, configs[name][1], configs[name][2]))
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"img_per_s": round(args.batch / med, 1), "median_step_s": round(med, 4),
+                     "spread_s": [round(min(ts), 4), round(max(ts), 4)]}
+    ratios = [t_timm / t_ours for t_ours, t_timm in zip(times["ours"], times["timm"])]
+    out["ratio_ours_over_timm"] = {"median": round(statistics.median(ratios), 3),
+                                   "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+    out["ratio_channels_last_ours"] = round(statistics.median(times["ours"]) /
+                                            statistics.median(times["ours_channels_last"]), 3)
+    out["ratio_bf16_ours"] = round(statistics.median(times["ours"]) / statistics.median(times["ours_bf16"]), 3)
+    log(f"speed: {json.dumps(out)}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-minutes", type=float, default=60.0, help="wall budget for the main comparison")
+    ap.add_argument("--quick", action="store_true", help="subset of the data, minutes instead of an hour")
+    ap.add_argument("--epochs", type=float, help="epochs of the main comparison (default: fitted to the budget)")
+    ap.add_argument("--res", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parts", default="speed,main,reparam,distill")
+    ap.add_argument("--speed-rounds", type=int, default=7)
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(f"[{(time.time() - t_start) / 60:5.1f} min] {msg}", flush=True)
+
+    cfg = apply_overrides(load_recipe("fashion_mnist_full"), [
+        f"data.img_size={args.res}", f"run.batch_size={args.batch}", f"run.global_batch={args.batch}",
+        f"data.max_train_samples={6000 if args.quick else 'null'}",
+        f"data.max_val_samples={2000 if args.quick else 'null'}"])
+    bundle = build_data(cfg.data, cfg.aug, seed=0)
+    if bundle.name != "fashion-mnist":
+        log("NOTICE: Fashion-MNIST IDX files not found; results are on digits")
+    steps_per_epoch = len(bundle.train) // args.batch
+    results: dict = {"settings": {"quick": args.quick, "res": args.res, "batch": args.batch, "threads": args.threads,
+                                  "train_images": len(bundle.train), "val_images": len(bundle.val),
+                                  "budget_minutes": args.budget_minutes, "dataset": bundle.name,
+                                  "torch": torch.__version__, "cpu_count": os.cpu_count()}}
+    parts = args.parts.split(",")
+
+    def save() -> None:
+        tmp = out_dir / ".fashion_mnist.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, out_dir / "fashion_mnist.json")
+        md = out_dir / "fashion_mnist.md"
+        md.write_text(render_md(results))
+
+    def budget_epochs(share: float, n_models: float) -> float:
+        if args.epochs:
+            return args.epochs
+        if args.quick:
+            return 1.0
+        # a short probe of M0.9's step time sets how many epochs fit into the budget share
+        probe = Trainer("probe", build_model("repvit_m0_9", num_classes=10, in_chans=1), cfg, 1000)
+        x, y = torch.randn(args.batch, 1, args.res, args.res), torch.randint(0, 10, (args.batch,))
+        for _ in range(3):
+            probe.step(x, y)
+        per_update = probe.busy_s / 3 * n_models
+        return max(0.25, args.budget_minutes * 60 * share / per_update / steps_per_epoch)
+
+    if "speed" in parts:
+        log("part speed: ours vs timm RepViT-M0.9 training step, channels_last, bf16")
+        results["speed"] = speed(args, log)
+        save()
+
+    if "main" in parts:
+        import timm
+        ep = budget_epochs(1.0, 2.0)
+        total = max(1, int(ep * steps_per_epoch))
+        log(f"part main: RepViT-M0.9 vs MobileNetV3-L, {ep:.2f} epochs = {total} updates each")
+        tr = [Trainer("repvit_m0_9", build_model("repvit_m0_9", num_classes=10, in_chans=1), cfg, total),
+              Trainer("mobilenetv3_large_100", timm.create_model("mobilenetv3_large_100", num_classes=10, in_chans=1),
+                      cfg, total)]
+        side_by_side(tr, bundle, cfg, ep, t_start + args.budget_minutes * 60, log)
+        results["main"] = [t.result(bundle.val, 256) for t in tr]
+        results["main_epochs"] = round(tr[0].step_n / steps_per_epoch, 3)
+        log(f"main: {json.dumps(results['main'])}")
+        save()
+
+    abl_epochs = args.epochs or (0.5 if args.quick else 1.0)
+    abl_total = max(1, int(abl_epochs * steps_per_epoch))
+    far = time.time() + 10 * 24 * 3600
+    if "reparam" in parts:
+        log(f"part reparam: M0.9 with vs without re-param branches, {abl_total} updates each")
+        on = build_model("repvit_m0_9", num_classes=10, in_chans=1)
+        off = strip_reparam_branches(build_model("repvit_m0_9", num_classes=10, in_chans=1))
+        tr = [Trainer("reparam_on", on, cfg, abl_total), Trainer("reparam_off", off, cfg, abl_total)]
+        side_by_side(tr, bundle, cfg, abl_epochs, far, log)
+        results["reparam"] = [t.result(bundle.val, 256) for t in tr]
+        save()
+
+    if "distill" in parts:
+        log(f"part distill: teacher RepViT-M1.5 trained first ({abl_total} updates), then M0.9 +/- hard KD")
+        teacher_t = Trainer("teacher_repvit_m1_5", build_model("repvit_m1_5", num_classes=10, in_chans=1), cfg,
+                            abl_total)
+        side_by_side([teacher_t], bundle, cfg, abl_epochs, far, log)
+        t_res = teacher_t.result(bundle.val, 256)
+        teacher_model = teacher_t.ema.module if t_res["weights"] == "ema" else teacher_t.model
+        teacher = FrozenTeacher(copy.deepcopy(teacher_model))
+        tr = [Trainer("m0_9_hard_kd", build_model("repvit_m0_9", num_classes=10, in_chans=1, distillation=True), cfg,
+                      abl_total, teacher=teacher),
+              Trainer("m0_9_no_kd", build_model("repvit_m0_9", num_classes=10, in_chans=1), cfg, abl_total)]
+        side_by_side(tr, bundle, cfg, abl_epochs, far, log)
+        results["distill"] = {"teacher": t_res, "students": [t.result(bundle.val, 256) for t in tr]}
+        save()
+
+    results["wall_minutes"] = round((time.time() - t_start) / 60, 1)
+    save()
+    print(render_md(results))
+    return 0
+
+
+def render_md(r: dict) -> str:
+    s = r["settings"]
+    out = [f"Fashion-MNIST ({s['dataset']}, {s['train_images']} train / {s['val_images']} test images, "
+           f"{s['res']}x{s['res']}, batch {s['batch']}, {s['threads']} thread(s), quick={s['quick']})", ""]
+
+    def table(rows: list[dict]) -> None:
+        out.append("| model | top-1 % | top-5 % | weights | updates | train s | img/s | params |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for x in rows:
+            out.append(f"| {x['model']} | {x['top1']:.2f} | {x['top5']:.2f} | {x['weights']} | {x['updates']} | "
+                       f"{x['train_s']} | {x['img_per_s']} | {x['params'] / 1e6:.2f}M |")
+        out.append("")
+    if "main" in r:
+        out.append(f"**Main** (same batches, {r.get('main_epochs')} epochs each)")
+        table(r["main"])
+    if "reparam" in r:
+        out.append("**Ablation: re-param branches**")
+        table(r["reparam"])
+    if "distill" in r:
+        out.append("**Ablation: hard distillation from a RepViT-M1.5 teacher trained first**")
+        table([r["distill"]["teacher"], *r["distill"]["students"]])
+    if "speed" in r:
+        sp = r["speed"]
+        out.append("**Training throughput (median of interleaved rounds)**")
+        out.append("| configuration | img/s | median step s | min..max s |")
+        out.append("|---|---|---|---|")
+        for k, v in sp.items():
+            if isinstance(v, dict) and "img_per_s" in v:
+                out.append(f"| {k} | {v['img_per_s']} | {v['median_step_s']} | {v['spread_s'][0]}..{v['spread_s'][1]} |")
+        out.append("")
+        out.append(f"ours / timm speed ratio: {sp['ratio_ours_over_timm']}; channels_last speed-up "
+                   f"{sp['ratio_channels_last_ours']}x; bf16 speed-up {sp['ratio_bf16_ours']}x")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

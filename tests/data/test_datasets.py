@@ -1,0 +1,132 @@
+"""Built-in datasets, folder validation, corrupt-image skipping, and the global-batch sampler."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repvit.data import GlobalBatchSampler, build_data, validate_image_folder
+from repvit.data.builtin import FASHION_MNIST_DIR, load_digits, load_fashion_mnist, read_idx
+from repvit.train.config import AugConfig, DataConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_read_idx_round_trip_and_errors(tmp_path):
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4).astype(np.uint8)
+    _write_idx(tmp_path / "x.gz", arr)
+    assert np.array_equal(read_idx(tmp_path / "x.gz"), arr)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError):
+        read_idx(tmp_path / "missing.gz")
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Debian fashion-mnist package not installed")
+def test_fashion_mnist_from_debian_idx_files():
+    d = load_fashion_mnist()
+    assert d["train"][0].shape == (60000, 28, 28) and d["val"][0].shape == (10000, 28, 28)
+    assert np.bincount(d["train"][1]).tolist() == [6000] * 10
+
+
+def test_fashion_mnist_missing_falls_back_to_digits_with_notice(tmp_path):
+    b = build_data(DataConfig(dataset="fashion-mnist", img_size=16, download_dir=str(tmp_path)), AugConfig())
+    assert b.name == "digits" and any("Falling back" in n for n in b.notes)
+    assert len(b.train) + len(b.val) == 1797
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+    a, b = load_digits(), load_digits()
+    assert np.array_equal(a["val"][0], b["val"][0]) and len(a["train"][0]) == 1438
+    tr = {x.tobytes() for x in a["train"][0]}
+    assert sum(x.tobytes() in tr for x in a["val"][0]) < 20   # digits has a few duplicate images
+
+
+def _folder(root: Path, classes=("cat", "dog"), n=4, size=20) -> Path:
+    rng = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_folder_validation_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_data(DataConfig(dataset=str(tmp_path / "nope")), AugConfig())
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(ValueError, match="no 'val/' folder"):
+        build_data(DataConfig(dataset=str(tmp_path / "flat")), AugConfig())
+    loose = tmp_path / "loose" / "val"
+    loose.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(loose / "a.png")
+    with pytest.raises(ValueError, match="no class folders .*1 images lie directly"):
+        validate_image_folder(loose)
+    root = _folder(tmp_path / "ds")
+    (root / "val" / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="contain no images .*empty_class"):
+        build_data(DataConfig(dataset=str(root)), AugConfig())
+    with pytest.raises(FileNotFoundError, match="--data /path/to/imagenet"):
+        build_data(DataConfig(dataset="imagenet"), AugConfig())
+
+
+def test_corrupt_images_are_skipped_and_counted_in_training(tmp_path):
+    from repvit.train import train
+    from trainhelpers import tiny_config
+
+    root = _folder(tmp_path / "ds", n=8)
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")
+    (root / "val" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    cfg = tiny_config(f"data.dataset={root}", "schedule.epochs=1", "data.img_size=16", "run.global_batch=8",
+                      "run.batch_size=8", "data.num_workers=0", "data.max_val_samples=null",
+                      "aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.25")
+    res = train(cfg, tmp_path / "run")
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert '"skipped_images": 1' in rows and "skipped 1 unreadable images" in log
+    assert res.deploy_top1 is not None
+    from repvit.train import evaluate_checkpoint
+    out = evaluate_checkpoint(str(tmp_path / "run" / "best.safetensors"), str(root), img_size=16, num_workers=0)
+    assert out["n"] == 16 and out["results"][0]["skipped"] == 1
+
+
+def test_global_batch_sampler_layout():
+    n, gb = 120, 24
+    one = GlobalBatchSampler(n, gb, accum_steps=2, repeats=3, seed=1)
+    r0 = GlobalBatchSampler(n, gb, world_size=2, rank=0, repeats=3, seed=1)
+    r1 = GlobalBatchSampler(n, gb, world_size=2, rank=1, repeats=3, seed=1)
+    for s in (one, r0, r1):
+        s.set_epoch(4)
+    a, b0, b1 = list(one), list(r0), list(r1)
+    assert len(a) == 2 * (n // gb) and len(b0) == len(b1) == n // gb
+    # micro-step m of one process == rank m of DDP
+    assert a[0::2] == b0 and a[1::2] == b1
+    # an epoch covers n samples; repeated augmentation: 3 copies of each chosen image, in different chunks
+    flat = [i for batch in a for i in batch]
+    assert len(flat) == n and all(flat.count(i) in (1, 2, 3) for i in set(flat))
+    from collections import Counter
+    first = Counter(a[0] + a[1])                     # the first global batch: 8 images x 3 copies
+    assert len(first) == gb // 3 and set(first.values()) == {3}
+    assert set(a[0]) == set(a[1])                    # the copies are spread over both micro-batches
+    # epochs differ, seeds reproduce, resume skips exactly the consumed micro-batches
+    one.set_epoch(5)
+    assert list(one) != a
+    one.set_epoch(4, start=3)
+    assert list(one) == a[3:]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        GlobalBatchSampler(10, 16)

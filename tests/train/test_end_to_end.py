@@ -1,0 +1,75 @@
+"""A short real training on digits: accuracy, artefacts of the run directory, eval and plot commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import repvit
+from repvit.cli import main
+from repvit.train import train
+from repvit.train.config import config_from_dict
+
+from trainhelpers import tiny_config
+
+
+def test_short_run_writes_the_run_directory_contract(tmp_path, capsys):
+    """Fast: 2 updates, then every artefact, `repvit eval --json` and `repvit plot`."""
+    run = tmp_path / "run"
+    res = train(tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=2"), run)
+    for f in ("config.yaml", "metrics.jsonl", "last.pt", "best.safetensors", "deploy.safetensors", "train.log"):
+        assert (run / f).is_file(), f
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["epoch"] == 0 and row["step"] == 2 and {"train_loss", "val_top1", "val_top5"} <= set(row)
+    assert main(["eval", str(run / "deploy.safetensors"), "--data", "digits", "--max-samples", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 64 and 0.0 <= out["top1"] <= out["top5"] <= 100.0
+    assert abs(out["top1"] - res.deploy_top1) < 1e-6    # same 64 images as the run's validation subset
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", str(tmp_path / "missing.safetensors"), "--data", "digits"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_digits_run_reaches_90_percent_and_writes_everything(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = tiny_config("schedule.epochs=4", "data.max_val_samples=null", "run.channels_last=true")
+    res = train(cfg, run)
+    assert res.best_top1 > 90.0, res.summary
+    assert res.deploy_top1 is not None and res.deploy_top1 > 90.0
+
+    # run directory contract
+    saved = config_from_dict(__import__("yaml").safe_load((run / "config.yaml").read_text()))
+    assert saved == cfg
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert all({"epoch", "train_loss", "val_top1", "ema_val_top1", "lr"} <= set(r) for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 4 and state["step"] == 4 * 22 and state["config"]["model"]["name"] == "repvit_m0_6"
+
+    # both saved models load with the public API; the deploy one is fused and agrees with the train form
+    best = repvit.create_model("repvit_m0_6", checkpoint=run / "best.safetensors").eval()
+    dep = repvit.create_model("repvit_m0_6", checkpoint=run / "deploy.safetensors").eval()
+    assert dep.deploy and not best.deploy and best.in_chans == 1 and best.num_classes == 10
+    assert best.preprocessing["input_size"] == [1, 16, 16]
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(best(x), dep(x), atol=1e-4)
+
+    # repvit eval: the last printed line is JSON with top1/top5; deploy form gives the same accuracy
+    assert main(["eval", str(run / "deploy.safetensors"), "--data", "digits", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(out["top1"] - res.deploy_top1) < 1e-6 and out["top5"] >= out["top1"] and out["n"] == 359
+    assert main(["eval", str(run), "--data", "digits", "--form", "deploy", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["weights"] for r in out["results"]} == {"raw", "ema"}
+    assert out["top1"] == next(r["top1"] for r in out["results"] if r["weights"] == "ema")
+
+    # repvit plot draws a PNG
+    assert main(["plot", str(run)]) == 0
+    png = run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
