@@ -1,0 +1,156 @@
+"""INT8 quantization: runs, keeps accuracy on a small trained model, sensitive-layer selection, calibration input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import repvit
+from repvit.cli import main as cli_main
+from repvit.export import evaluate_onnx, quantize_onnx, sidecar_path
+from repvit.export.calib import load_images, normalise
+from repvit.export.onnx_export import count_ops
+from repvit.export.quantize import sensitive_nodes
+from repvit.export.source import to_deploy
+
+from .conftest import small_model
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+pytest.importorskip("sklearn", reason="scikit-learn (digits dataset) is not installed")
+
+# stated bound: INT8 may lose at most this many top-1 points against fp32 on the digits probe model
+MAX_DROP = 5.0
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory) -> tuple:
+    """A small *trained* digits classifier, fast: random RepViT-M0.6 features + a least-squares-free
+    logistic-regression head fitted with LBFGS (seconds on CPU, unlike end-to-end training)."""
+    model = small_model(in_chans=1, size=32, num_classes=10, seed=0)
+    model.preprocessing = pre = {"input_size": [1, 32, 32], "mean": [0.3], "std": [0.35],
+                                 "interpolation": "bilinear", "crop_pct": 1.0}
+    xtr, ytr = load_images("digits", pre, split="train")
+    fused = to_deploy(model)
+    with torch.no_grad():
+        feats = fused.forward_head(fused.forward_features(normalise(xtr, pre)), pre_logits=True)
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    head = nn.Linear(feats.shape[1], 10)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+    z = (feats - mu) / sd
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(z), ytr) + 1e-3 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():  # fold the feature standardisation into the deployed Linear
+        lin = fused.head.head
+        lin.weight.copy_(head.weight / sd)
+        lin.bias.copy_(head.bias - (head.weight * mu / sd).sum(1))
+    path = tmp_path_factory.mktemp("digits") / "digits_probe.safetensors"
+    repvit.save_checkpoint(fused, path)
+    return path, fused
+
+
+def test_quantize_cli_keeps_accuracy(digits_ckpt, tmp_path, capsys):
+    ckpt, fused = digits_ckpt
+    out = tmp_path / "int8.onnx"
+    rc = cli_main(["quantize", str(ckpt), "--calib", "digits", "--num-calib", "128", "--eval", "digits",
+                   "--out", str(out), "--json"])
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out)
+    e = info["eval"]
+    assert e["images"] == 359  # the whole held-out digits split
+    assert e["top1_fp32"] > 60.0, "the probe model is not trained; the accuracy bound would be meaningless"
+    assert e["top1_drop"] <= MAX_DROP, json.dumps(e)
+    # a linear probe on random features has small margins, so some near-ties flip under INT8
+    assert e["agreement_pct"] >= 75.0, json.dumps(e)
+    assert count_ops(out, "QuantizeLinear") > 50 and count_ops(out, "BatchNormalization") == 0
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["format"] == "onnx-int8" and side["variant"] == "repvit_m0_6"
+    assert side["quantization"]["weights"] == "int8 symmetric per-channel"
+    assert side["quantization"]["calibration"]["images"] == 128
+    # the INT8 file really is smaller and runs on a dynamic batch
+    raw, labels = load_images("digits", fused.preprocessing, split="val", limit=7, seed=3)
+    res = evaluate_onnx(out, normalise(raw, fused.preprocessing).numpy(), labels.numpy(), batch=3)
+    assert res["logits"].shape == (7, 10)
+    assert side["size_bytes"]["int8"] < side["size_bytes"]["fp32"] / 2
+
+
+def test_sensitive_node_groups(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from repvit.export import export_onnx
+
+    model = to_deploy(small_model(size=32))
+    export_onnx(model, tmp_path / "m.onnx", sidecar=False, validate=False)
+    g = onnx.load(str(tmp_path / "m.onnx"))
+    n_dw = sum(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 for m in model.modules())
+    assert len(sensitive_nodes(g, ["depthwise"])) == n_dw > 0
+    assert sensitive_nodes(g, ["stem"]) == ["/stem/conv1/Conv"]
+    assert len(sensitive_nodes(g, ["head"])) == 1
+    n_se = sum(1 for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and ".se." in name)
+    assert len(sensitive_nodes(g, ["se"])) == n_se > 0
+    with pytest.raises(ValueError, match="keep-float"):
+        sensitive_nodes(g, ["everything"])
+
+
+def test_folder_calibration_and_keep_float(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = np.random.RandomState(i).randint(0, 255, (40, 50, 3), dtype=np.uint8)
+            pil.fromarray(arr).save(folder / cls / f"{i}.png")
+    pre = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear",
+           "crop_pct": 1.0}
+    x, y = load_images(folder, pre)
+    assert x.shape == (6, 3, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert y.tolist() == [0, 0, 0, 1, 1, 1]
+    model = small_model(size=32)
+    out = tmp_path / "q.onnx"
+    info = quantize_onnx(model, out, calib=folder, keep_float=["stem", "head"], per_channel=False,
+                         bake_preprocessing="uint8", eval_data=folder)
+    assert info["quantization"]["kept_float_nodes"] == 2
+    assert info["quantization"]["weights"] == "int8 symmetric per-tensor"
+    assert info["input_dtype"] == "uint8" and "agreement_pct" in info["eval"]
+    assert count_ops(out, "Gemm") == 1  # the head stayed float (no QGemm-able QDQ around it)
+
+
+def test_calibration_errors(tmp_path, m06):
+    pre = m06.preprocessing
+    with pytest.raises(FileNotFoundError, match="built-in"):
+        load_images(tmp_path / "nowhere", pre)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        load_images(tmp_path / "empty", pre)
+    with pytest.raises(ValueError, match="method"):
+        quantize_onnx(m06, tmp_path / "q.onnx", calib="digits", method="magic")
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert cli_main(["export", "repvit_m0_7", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "unknown RepViT variant" in capsys.readouterr().err
+    assert cli_main(["export", "repvit_m0_6", "--format", "onnx", "--out", str(tmp_path / "x" / "m.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["export", "repvit_m0_6", "--format", "coreml", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert ".mlpackage" in capsys.readouterr().err
+    assert cli_main(["quantize", "repvit_m0_6", "--calib", str(tmp_path / "none"), "--out", str(tmp_path / "q.onnx")]) == 2
+    assert "calibration source" in capsys.readouterr().err
+
+
+def test_cli_export_onnx(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    rc = cli_main(["export", "repvit_m0_6", "--format", "onnx", "--out", str(out), "--input-size", "64", "64",
+                   "--dynamic-batch", "--num-classes", "5"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "0 BatchNormalization nodes" in text and "max |ORT - PyTorch|" in text
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["input_size"] == [3, 64, 64] and side["dynamic_batch"] and side["num_classes"] == 5
