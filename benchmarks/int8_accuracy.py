@@ -45,15 +45,19 @@ RECIPES = {
 }
 
 
-def train_model(dataset: str, variant: str, img: int, seconds: float, ckpt: Path, seed: int = 0) -> dict:
-    """Minimal CPU training loop (AdamW, cosine over a time-estimated step budget, label smoothing)."""
+def train_model(dataset: str, variant: str, img: int, seconds: float, ckpt: Path, seed: int = 0,
+                resume: bool = False) -> dict:
+    """Minimal CPU training loop (AdamW, cosine over a time-estimated step budget, label smoothing).
+
+    ``resume``: start from the weights already in ``ckpt`` (a second budget on a slow machine)."""
     torch.manual_seed(seed)
     x_np, y_np = _builtin_arrays(dataset, "train")
     x_u8 = torch.from_numpy(np.ascontiguousarray(x_np))
     y_all = torch.from_numpy(np.asarray(y_np, dtype=np.int64))
     # normalisation statistics of the training images, saved with the checkpoint's preprocessing
     mean, std = float(x_u8.float().mean() / 255), float(x_u8.float().std() / 255)
-    model = repvit.create_model(variant, num_classes=int(y_all.max()) + 1, in_chans=1)
+    model = (repvit.create_model(variant, checkpoint=ckpt) if resume and ckpt.exists()
+             else repvit.create_model(variant, num_classes=int(y_all.max()) + 1, in_chans=1))
     model.preprocessing = {"input_size": [1, img, img], "mean": [round(mean, 4)], "std": [round(std, 4)],
                            "interpolation": "bilinear", "crop_pct": 1.0}
     pre = model.preprocessing
@@ -84,13 +88,26 @@ def train_model(dataset: str, variant: str, img: int, seconds: float, ckpt: Path
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         step += 1
         if step == 10 and total is None:  # budget the schedule from the measured step time
             total = max(20, int(seconds / ((time.perf_counter() - t0) / 10)))
         if total is not None and step >= total:
             break
     elapsed = time.perf_counter() - t0
+    # precise BatchNorm: after a short run the running statistics lag far behind the fast-moving
+    # weights (eval accuracy near chance); re-estimate them on clean training images
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        for i in range(0, 2048, 128):
+            idx = perm[i:i + 128]
+            x = _to_model_input(x_u8[idx].float().div(255)[:, None], 1, img, img)
+            model((x - pre["mean"][0]) / pre["std"][0])
+        for m in bns:
+            m.momentum = 0.1
     model.eval()
     repvit.save_checkpoint(model, ckpt)
     return {"steps": step, "batch": bs, "seconds": round(elapsed, 1), "epochs": round(step * bs / len(y_all), 2),
@@ -115,10 +132,10 @@ def time_interleaved(runners: dict, repeats: int, iters: int) -> dict:
 def bench_dataset(ds: str, args, workdir: Path) -> dict:
     ckpt = Path(args.ckpt_dir) / f"{ds}_{args.variant}_{args.img}.safetensors"
     train_info = None
-    if not ckpt.exists() or args.retrain:
+    if not ckpt.exists() or args.retrain or args.train_more:
         print(f"[{ds}] training {args.variant} at {args.img}x{args.img} ...", flush=True)
         secs = args.train_seconds_digits if ds == "digits" else args.train_seconds
-        train_info = train_model(ds, args.variant, args.img, secs, ckpt)
+        train_info = train_model(ds, args.variant, args.img, secs, ckpt, resume=args.train_more)
         print(f"[{ds}] trained: {train_info}", flush=True)
     model = repvit.create_model(args.variant, checkpoint=ckpt)
     fused = to_deploy(model)
@@ -200,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img", type=int, default=64)
     ap.add_argument("--train-seconds", type=float, default=600, help="training budget for fashion-mnist")
     ap.add_argument("--train-seconds-digits", type=float, default=180, help="training budget for digits")
-    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--retrain", action="store_true", help="train from scratch even if a checkpoint is cached")
+    ap.add_argument("--train-more", action="store_true", help="continue training the cached checkpoint")
     ap.add_argument("--ckpt-dir", default=os.path.expanduser("~/.cache/repvit/int8_bench"))
     ap.add_argument("--num-calib", type=int, default=512)
     ap.add_argument("--num-eval", type=int, default=None, help="held-out images (default: the whole split)")
