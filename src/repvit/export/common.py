@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -196,12 +196,3 @@ def model_info(model: nn.Module, pre: dict[str, Any]) -> dict[str, Any]:
         "preprocessing": pre,
     }
 
-
-def run_or_reraise(fn: Callable[[], Any], what: str) -> Any:
-    """Run an exporter; turn its internal errors into a RuntimeError that says which step failed."""
-    try:
-        return fn()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if str(e).startswith(what):
-            raise
-        raise RuntimeError(f"{what} failed: {type(e).__name__}: {e}") from e

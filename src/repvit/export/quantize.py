@@ -50,7 +50,7 @@ def sensitive_nodes(onnx_model: Any, groups: Iterable[str]) -> list[str]:
         cin_per_group = numpy_helper.to_array(w).shape[1] if w is not None else None
         if "depthwise" in groups and group > 1 and cin_per_group == 1:
             names.append(n.name)
-        # SE convs work on a 1x1 pooled map: recognisable by the ReduceMean/GlobalAveragePool feeding them
+        # SE convs (on the pooled 1x1 map) keep their module path in the node name: .../se/fc1/Conv
         if "se" in groups and ("/se/" in n.name or ".se." in n.name):
             names.append(n.name)
     if "head" in groups:
