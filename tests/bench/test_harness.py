@@ -48,10 +48,13 @@ def test_run_bench_produces_documented_fields():
     assert res["settings"]["batch"] == 1 and res["settings"]["input_size"] == [64, 64]
     assert res["peak"]["fp32"]["gflops"] > 0 and res["peak"]["fp32"]["n"] == 64
     assert [r["runtime"] for r in res["results"]] == ["eager", "onnxruntime"]
+    st = res["settings"]
+    assert res["downstream_peak"]["fp32"]["gflops"] > 0  # the peak runs interleaved with each group
     for r in res["results"] + res["downstream"]:
         assert r["status"] == "ok", r.get("reason")
         assert STAT_KEYS <= set(r["latency_ms"])
-        assert r["latency_ms"]["n"] == 2
+        n_expected = 2 if r in res["results"] else st["downstream_iters"] * st["downstream_rounds"]
+        assert r["latency_ms"]["n"] == n_expected
         assert r["gflops"] == pytest.approx(2 * r["macs"] / (r["latency_ms"]["median"] * 1e-3) / 1e9)
         assert 0 < r["peak_fraction"]
         assert r["params"] > 0 and r["macs"] > 0 and r["dtype"] == "fp32"

@@ -6,7 +6,9 @@ JSON written by :func:`run_bench` (``schema: repvit.bench/1``):
                 torch / timm / onnxruntime / openvino versions, load_avg_1m_start / _end
     settings    models, runtimes, input_size, batch (1), warmup, iters, rounds, downstream_size,
                 downstream_runtimes
-    peak        {fp32|bf16|int8: {n, gflops, latency_ms}}  (n x n matmul, same run)
+    peak        {fp32|bf16|int8: {n, gflops, latency_ms}}: n x n matmul timed in the same interleaved
+                rounds as the models (dtypes: fp32 + those of the runtimes in use)
+    downstream_peak  the same for the downstream group
     results     one row per (model, runtime): model, display, family, source, runtime, dtype,
                 status ("ok" | "unavailable" | "error"), reason, fused, params, macs, macs_counter,
                 latency_ms {median, p10, p90, mean, std, min, max, spread, n, round_medians},
@@ -26,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from .machine import machine_info, matmul_peak, pin_threads
+from .machine import machine_info, matmul_candidates, peak_from_stats, pin_threads
 from .peers import ModelEntry, build_fused, model_macs, resolve_models
 from .runtimes import DEFAULT_RUNTIMES, RuntimeUnavailable, check_runtimes, prepare
 from .timing import measure_interleaved, paired_ratio
@@ -41,7 +43,11 @@ TARGET_ORT_RATIO, TARGET_PEAK_FRACTION, TARGET_LOWP_SPEEDUP, TARGET_M09_MS = 1.0
 def _measure_group(
     entries: list[ModelEntry], runtimes: list[str], size: tuple[int, int], *, features_only: bool,
     threads: int, warmup: int, iters: int, rounds: int, workdir: Path, log: Callable[[str], None],
-) -> list[dict]:
+    peak_n: int | None = None,
+) -> tuple[list[dict], dict]:
+    """Time every (model, runtime) pair interleaved; with ``peak_n`` the matmul peak of each dtype
+    in use runs in the same rounds, so peak and models see the same machine load.
+    Returns (rows, peak)."""
     rows: list[dict] = []
     runners: dict[str, Callable[[], object]] = {}
     example = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -70,16 +76,26 @@ def _measure_group(
             except Exception as ex:
                 row.update(status="error", reason=f"{type(ex).__name__}: {str(ex)[:300]}")
             rows.append(row)
+    peak: dict = {}
     if runners:
-        log(f"  timing {len(runners)} model/runtime pairs interleaved "
+        overrides = {}
+        if peak_n:
+            dts = ["fp32"] + [d for d in ("bf16", "int8") if any(r.get("dtype") == d for r in rows)]
+            for d, fn in matmul_candidates(tuple(dts), peak_n).items():
+                runners[f"peak|{d}"] = fn
+                overrides[f"peak|{d}"] = (min(iters, 3), 0)  # a 2048^3 matmul is long: few calls suffice
+        log(f"  timing {len(runners)} candidates interleaved "
             f"(warmup {warmup}, {rounds} rounds x {iters} iterations)")
-        stats = measure_interleaved(runners, warmup=warmup, iters=iters, rounds=rounds)
+        stats = measure_interleaved(runners, warmup=warmup, iters=iters, rounds=rounds, overrides=overrides)
+        peak = peak_from_stats({k.split("|", 1)[1]: v for k, v in stats.items() if k.startswith("peak|")},
+                               peak_n or 0)
         for row in rows:
             s = stats.get(f"{row['model']}|{row['runtime']}")
             if s is not None:
                 row["latency_ms"] = s
                 row["gflops"] = 2.0 * row["macs"] / (s["median"] * 1e-3) / 1e9
-    return rows
+    _add_peak_fraction(rows, peak)
+    return rows, peak
 
 
 def _add_peak_fraction(rows: list[dict], peak: dict) -> None:
@@ -170,15 +186,11 @@ def _run_pinned(pinned: dict, entries: list[ModelEntry], rts: list[str], *, inpu
     }
     log(f"machine: {info['cpu_model']}, {pinned['threads']} threads pinned to CPUs {pinned['cpus']}")
     with tempfile.TemporaryDirectory(prefix="repvit-bench-") as tmp:
-        if peak:
-            log(f"measuring the matmul peak ({peak_n}x{peak_n}, fp32/bf16/int8)")
-            result["peak"] = matmul_peak(("fp32", "bf16", "int8"), n=peak_n)
-        else:
-            result["peak"] = {}
-        log(f"batch-1 latency at {input_size}x{input_size}: {len(entries)} models x {len(rts)} runtimes")
-        rows = _measure_group(entries, rts, size, features_only=False, threads=pinned["threads"], warmup=warmup,
-                              iters=iters, rounds=rounds, workdir=Path(tmp), log=log)
-        _add_peak_fraction(rows, result["peak"])
+        log(f"batch-1 latency at {input_size}x{input_size}: {len(entries)} models x {len(rts)} runtimes"
+            + (f", matmul peak ({peak_n}^3) interleaved" if peak else ""))
+        rows, result["peak"] = _measure_group(entries, rts, size, features_only=False, threads=pinned["threads"],
+                                              warmup=warmup, iters=iters, rounds=rounds, workdir=Path(tmp), log=log,
+                                              peak_n=peak_n if peak else None)
         result["results"] = rows
         result["downstream"] = []
         if downstream:
@@ -189,10 +201,13 @@ def _run_pinned(pinned: dict, entries: list[ModelEntry], rts: list[str], *, inpu
                 [r for r in rts if r in ("eager", "onnxruntime", "openvino")] or rts[:1])
             result["settings"]["downstream_runtimes"] = ds_rts
             log(f"downstream backbones (features only) at {downstream_size}x{downstream_size}")
-            ds = _measure_group(ds_entries, ds_rts, (downstream_size, downstream_size), features_only=True,
-                                threads=pinned["threads"], warmup=max(2, warmup // 2), iters=iters, rounds=rounds,
-                                workdir=Path(tmp), log=log)
-            _add_peak_fraction(ds, result["peak"])
+            # 512x512 costs ~5x a 224 run per call: fewer calls keep the run within minutes
+            ds_it, ds_rounds = max(1, iters // 2), min(3, rounds)
+            result["settings"].update(downstream_iters=ds_it, downstream_rounds=ds_rounds)
+            ds, result["downstream_peak"] = _measure_group(
+                ds_entries, ds_rts, (downstream_size, downstream_size), features_only=True,
+                threads=pinned["threads"], warmup=min(2, warmup), iters=ds_it, rounds=ds_rounds,
+                workdir=Path(tmp), log=log, peak_n=peak_n if peak else None)
             result["downstream"] = ds
     result["ratios"] = _ratios(rows)
     result["targets"] = _targets(rows, result["ratios"])

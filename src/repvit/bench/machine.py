@@ -11,7 +11,7 @@ import torch
 
 from .timing import measure_interleaved
 
-__all__ = ["pin_threads", "machine_info", "cpu_flags", "matmul_peak"]
+__all__ = ["pin_threads", "machine_info", "cpu_flags", "matmul_peak", "matmul_candidates", "peak_from_stats"]
 
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
 
@@ -93,14 +93,8 @@ def machine_info(threads: int) -> dict:
     return info
 
 
-@torch.inference_mode()
-def matmul_peak(dtypes: tuple[str, ...] = ("fp32", "bf16"), n: int = 2048, *, iters: int = 5, rounds: int = 3,
-                warmup: int = 2) -> dict:
-    """Achieved GFLOP/s of an n x n x n matmul per dtype (2 n^3 flops), measured interleaved.
-
-    This is the practical compute roof for the runtimes: a model at X GFLOP/s runs at
-    X / peak of what this CPU does on the friendliest possible workload.
-    """
+def matmul_candidates(dtypes: tuple[str, ...] = ("fp32", "bf16"), n: int = 2048) -> dict[str, Callable[[], object]]:
+    """Zero-argument n x n x n matmuls per dtype (fp32, bf16, int8 where torch has a CPU kernel)."""
     fns: dict[str, Callable[[], object]] = {}
     for d in dtypes:
         if d in ("fp32", "bf16"):
@@ -114,6 +108,22 @@ def matmul_peak(dtypes: tuple[str, ...] = ("fp32", "bf16"), n: int = 2048, *, it
             except RuntimeError:  # no CPU int8 matmul kernel in this build
                 continue
             fns[d] = lambda a=a, b=b: torch._int_mm(a, b)
-    stats = measure_interleaved(fns, warmup=warmup, iters=iters, rounds=rounds, rewarm=0)
-    flops = 2.0 * n ** 3
-    return {d: {"n": n, "gflops": flops / (s["median"] * 1e-3) / 1e9, "latency_ms": s} for d, s in stats.items()}
+    return fns
+
+
+def peak_from_stats(stats: dict, n: int) -> dict:
+    """GFLOP/s (2 n^3 flops per call) from the median time of each matmul candidate."""
+    return {d: {"n": n, "gflops": 2.0 * n ** 3 / (s["median"] * 1e-3) / 1e9, "latency_ms": s} for d, s in stats.items()}
+
+
+@torch.inference_mode()
+def matmul_peak(dtypes: tuple[str, ...] = ("fp32", "bf16"), n: int = 2048, *, iters: int = 5, rounds: int = 3,
+                warmup: int = 2) -> dict:
+    """Achieved GFLOP/s of an n x n x n matmul per dtype, measured on its own.
+
+    This is the practical compute roof for the runtimes: a model at X GFLOP/s runs at
+    X / peak of what this CPU does on the friendliest possible workload. The harness
+    interleaves the same matmuls with the models instead, so both see the same machine load.
+    """
+    stats = measure_interleaved(matmul_candidates(dtypes, n), warmup=warmup, iters=iters, rounds=rounds, rewarm=0)
+    return peak_from_stats(stats, n)

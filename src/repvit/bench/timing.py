@@ -37,12 +37,14 @@ def latency_stats(samples_s: list[float], round_medians_s: list[float] | None = 
 def measure_interleaved(
     candidates: Mapping[str, Callable[[], object]], *, warmup: int = 10, iters: int = 10, rounds: int = 5,
     rewarm: int = 2, clock: Callable[[], float] = time.perf_counter,
+    overrides: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, dict]:
     """Time each zero-argument callable; returns ``{name: latency_stats(...)}``.
 
     ``warmup`` untimed calls per candidate first, then ``rounds`` rounds; in each round every
     candidate gets ``rewarm`` untimed calls (to refill caches another candidate evicted) and
-    ``iters`` timed ones.
+    ``iters`` timed ones. ``overrides`` maps a name to its own ``(iters, rewarm)`` (for
+    expensive reference candidates such as the matmul peak).
     """
     if iters < 1 or rounds < 1 or warmup < 0 or rewarm < 0:
         raise ValueError("need iters >= 1, rounds >= 1, warmup >= 0, rewarm >= 0")
@@ -51,12 +53,14 @@ def measure_interleaved(
             fn()
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     per_round: dict[str, list[float]] = {k: [] for k in candidates}
+    overrides = overrides or {}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            for _ in range(rewarm):
+            n_iter, n_rewarm = overrides.get(name, (iters, rewarm))
+            for _ in range(n_rewarm):
                 fn()
             times = []
-            for _ in range(iters):
+            for _ in range(n_iter):
                 t0 = clock()
                 fn()
                 times.append(clock() - t0)
