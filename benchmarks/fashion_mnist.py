@@ -252,9 +252,11 @@ def main() -> int:
         # a short probe of M0.9's step time sets how many epochs fit into the budget share
         probe = Trainer("probe", build_model("repvit_m0_9", num_classes=10, in_chans=1), cfg, 1000)
         x, y = torch.randn(args.batch, 1, args.res, args.res), torch.randint(0, 10, (args.batch,))
-        for _ in range(3):
+        probe.step(x, y)                      # warm-up, not timed
+        probe.busy_s = 0.0
+        for _ in range(4):
             probe.step(x, y)
-        per_update = probe.busy_s / 3 * n_models
+        per_update = probe.busy_s / 4 * n_models
         return max(0.25, args.budget_minutes * 60 * share / per_update / steps_per_epoch)
 
     if "speed" in parts:
