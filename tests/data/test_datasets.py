@@ -130,3 +130,22 @@ def test_global_batch_sampler_layout():
     assert list(one) == a[3:]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GlobalBatchSampler(10, 16)
+
+
+def test_tar_layout_through_the_one_format_option(tmp_path):
+    import tarfile
+    src = _folder(tmp_path / "src", classes=("a", "b", "c"), n=2)
+    root = tmp_path / "tars"
+    root.mkdir()
+    for split in ("train", "val"):
+        with tarfile.open(root / f"{split}.tar", "w") as t:
+            for c in ("a", "b", "c"):
+                t.add(src / split / c, arcname=c)
+    for fmt in ("auto", "tar"):
+        b = build_data(DataConfig(dataset=str(root), format=fmt, img_size=16), AugConfig(auto_augment=None))
+        assert b.num_classes == 3 and len(b.train) == 6 and len(b.val) == 6
+        assert sorted(b.val[i][1] for i in range(6)) == [0, 0, 1, 1, 2, 2]
+        assert b.train[0][0].shape == (3, 16, 16)
+    (root / "val.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="no val.tar"):
+        build_data(DataConfig(dataset=str(root), format="tar"), AugConfig())

@@ -86,7 +86,7 @@ def _num_classes_of(ds: Any) -> int | None:
     for obj in (ds, getattr(ds, "reader", None)):
         if obj is None:
             continue
-        for attr in ("class_to_idx", "classes"):
+        for attr in ("class_to_idx", "class_name_to_idx", "classes"):
             v = getattr(obj, attr, None)
             if v:
                 return len(v)
@@ -119,15 +119,31 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
             n_cls = len(va.classes)
         else:
             from timm.data import create_dataset
-            if fmt == "tar" or not root.exists() and fmt in ("folder", "tar"):
+            if fmt == "tar":
                 if not root.exists():
                     raise FileNotFoundError(f"dataset path {root} does not exist")
-            name = "" if fmt == "tar" else f"{fmt}/{src}"
-            droot = str(root) if fmt == "tar" else None
+                name, droot = "", str(root)
+            elif fmt == "wds":       # a folder of webdataset shards (with timm's _info.json)
+                if not root.is_dir():
+                    raise FileNotFoundError(f"webdataset folder {root} does not exist")
+                name, droot = f"wds/{root.name}", str(root)
+            else:                    # hfds / hfids: a Hugging Face dataset id, cached under data.download_dir
+                name, droot = f"{fmt}/{src}", data.download_dir
+            def split_root(split: str) -> str | None:
+                # a folder holding train.tar / val.tar: open the split's own archive (timm would read them all)
+                if fmt == "tar" and root.is_dir():
+                    f = root / f"{split}.tar"
+                    if not f.is_file():
+                        raise FileNotFoundError(f"{root} has no {split}.tar; expected {split}.tar holding "
+                                                f"<class>/<image> entries")
+                    return str(f)
+                return droot
+            val_root = split_root(data.val_split)
+            train_root = split_root(data.train_split) if train else None
             try:
-                va = create_dataset(name, root=droot, split=data.val_split, is_training=False, transform=tf_ev)
-                tr = (create_dataset(name, root=droot, split=data.train_split, is_training=True, transform=tf_tr)
-                      if train else None)
+                va = create_dataset(name, root=val_root, split=data.val_split, is_training=False, transform=tf_ev)
+                tr = (create_dataset(name, root=train_root, split=data.train_split, is_training=True,
+                                     transform=tf_tr) if train else None)
             except Exception as e:  # noqa: BLE001 - timm readers raise many types; report them uniformly
                 raise ValueError(f"could not open {src!r} as {fmt} data: {e}") from e
             n_cls = num_classes or _num_classes_of(va)

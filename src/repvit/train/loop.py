@@ -250,6 +250,12 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         if state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         start_epoch, start_micro, step = int(state["epoch"]), int(state["micro"]), int(state["step"])
+        old_world = int(state.get("world_size", world))
+        if old_world != world:
+            # micro-batches are counted per process: convert through whole updates (checkpoints sit on them)
+            start_micro = start_micro // cfg.accum_steps(old_world) * accum
+            log(f"note: resuming a {old_world}-process run with {world} process(es); the global batch and lr "
+                "stay the same, the RNG streams of the interrupted epoch do not")
         best = dict(state.get("best", best))
         rngs = state["rng"]
         restore_rng(rngs[di.rank] if di.rank < len(rngs) else rngs[0])
