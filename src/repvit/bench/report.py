@@ -133,12 +133,14 @@ def plot_bench(res: dict, path: str | os.PathLike, runtime: str | None = None) -
     fams: dict[str, list[dict]] = {}
     for r in rows:
         fams.setdefault(r["family"], []).append(r)
-    for fam, rs in sorted(fams.items()):
+    # red is reserved for our RepViT: peers take the other tab10 colours
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 3]
+    for k, (fam, rs) in enumerate(sorted(fams.items())):
         rs.sort(key=lambda r: r["latency_ms"]["median"])
         ours = fam.startswith("RepViT (ours)")
         ax.plot([r["latency_ms"]["median"] for r in rs], [r["published_top1"] for r in rs],
                 marker="*" if ours else "o", markersize=12 if ours else 6, linewidth=2.5 if ours else 1.2,
-                color="tab:red" if ours else None, label=fam, zorder=3 if ours else 2)
+                color="tab:red" if ours else palette[k % len(palette)], label=fam, zorder=3 if ours else 2)
         for r in rs:
             ax.annotate(r["display"].replace(" (timm)", ""), (r["latency_ms"]["median"], r["published_top1"]),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -173,7 +175,9 @@ def plot_roadmap(steps: list[dict], path: str | os.PathLike) -> Path:
     ax.set_xticklabels([s["step"] for s in steps], rotation=35, ha="right", fontsize=7)
     ax.set_title("MobileNetV3-L -> RepViT-M0.9 roadmap (labels: published top-1)")
     ax.grid(alpha=0.3)
-    fig.legend(loc="upper left", fontsize=7, bbox_to_anchor=(0.08, 0.92))
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=7)
     fig.tight_layout()
     out = _atomic(path, lambda t: fig.savefig(t, dpi=130, format="png"))
     plt.close(fig)
