@@ -303,7 +303,8 @@ class ClassifierHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, *, distillation: bool = False, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.drop = nn.Dropout(drop_rate)
+        self.drop_rate = drop_rate
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.head = BNLinear(dim, num_classes)
         self.head_dist: nn.Module | None = BNLinear(dim, num_classes) if distillation else None
         self.distilled_training = False
@@ -325,7 +326,7 @@ class ClassifierHead(nn.Module):
             other = self.head_dist.fuse()
             lin.weight.data = (lin.weight.data + other.weight.data) / 2
             lin.bias.data = (lin.bias.data + other.bias.data) / 2
-        out = LinearHead(lin.in_features, self.num_classes, drop_rate=self.drop.p)
+        out = LinearHead(lin.in_features, self.num_classes, drop_rate=self.drop_rate)
         out.head = lin
         return out
 
@@ -336,7 +337,7 @@ class LinearHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, *, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.drop = nn.Dropout(drop_rate)
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.head: nn.Module = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head_dist = None
 
