@@ -24,8 +24,8 @@ def test_measure_interleaved_stats_with_a_fake_clock():
                                 clock=lambda: float(next(ticks)))
     assert stats["a"]["n"] == 6 and stats["a"]["median"] == pytest.approx(1000.0)  # ms
     assert stats["a"]["round_medians"] == [pytest.approx(1000.0)] * 2
-    # interleaved: warm-ups, then a round of a, a round of b, a round of a, ...
-    assert order == ["a", "b"] + ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
+    # interleaved: warm-ups, then a round of a, b; the next round in reverse order (b, a)
+    assert order == ["a", "b"] + ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4
 
 
 def test_latency_stats_and_paired_ratio():

@@ -79,7 +79,11 @@ def bench_markdown(res: dict) -> str:
         lines.append("")
     lines += _rows_table(res["results"])
     if res.get("downstream"):
-        lines += ["", f"Downstream backbones (features only) at {s['downstream_size']}x{s['downstream_size']}:", ""]
+        dp = res.get("downstream_peak") or {}
+        peak_txt = f" (interleaved fp32 matmul peak: {dp['fp32']['gflops']:.1f} GFLOP/s)" if "fp32" in dp else ""
+        lines += ["", f"Downstream backbones (features only) at {s['downstream_size']}x{s['downstream_size']}, "
+                  f"{s.get('downstream_rounds', s['rounds'])} rounds x {s.get('downstream_iters', s['iters'])} "
+                  f"iterations{peak_txt}:", ""]
         lines += _rows_table(res["downstream"])
     if res.get("ratios"):
         lines += ["", "| Comparison | ratio (median of per-round ratios) | min | max |", "|---|---:|---:|---:|"]

@@ -41,8 +41,8 @@ def measure_interleaved(
 ) -> dict[str, dict]:
     """Time each zero-argument callable; returns ``{name: latency_stats(...)}``.
 
-    ``warmup`` untimed calls per candidate first, then ``rounds`` rounds; in each round every
-    candidate gets ``rewarm`` untimed calls (to refill caches another candidate evicted) and
+    ``warmup`` untimed calls per candidate first, then ``rounds`` rounds (order reversed every
+    other round); in each round every candidate gets ``rewarm`` untimed calls (to refill caches another candidate evicted) and
     ``iters`` timed ones. ``overrides`` maps a name to its own ``(iters, rewarm)`` (for
     expensive reference candidates such as the matmul peak).
     """
@@ -54,8 +54,11 @@ def measure_interleaved(
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     per_round: dict[str, list[float]] = {k: [] for k in candidates}
     overrides = overrides or {}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
+    names = list(candidates)
+    for r in range(rounds):
+        # alternate the order so no candidate always follows the same neighbour (cache / turbo bias)
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn = candidates[name]
             n_iter, n_rewarm = overrides.get(name, (iters, rewarm))
             for _ in range(n_rewarm):
                 fn()
