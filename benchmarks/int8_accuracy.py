@@ -185,6 +185,48 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
             "speed": speed, "preprocessing": pre}
 
 
+def speed_by_size(args, workdir: Path) -> dict:
+    """fp32 vs INT8 (per-channel) latency of the Fashion-MNIST model at larger inputs (speed only)."""
+    ds = args.datasets[0] if args.datasets else "fashion-mnist"
+    ckpt = Path(args.ckpt_dir) / f"{ds}_{args.variant}_{args.img}.safetensors"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt} not found: run the accuracy benchmark first")
+    out = {}
+    torch.set_num_threads(args.threads)
+    for size in args.speed_sizes:
+        model = repvit.create_model(args.variant, checkpoint=ckpt)
+        model.preprocessing = dict(model.preprocessing, input_size=[1, size, size])
+        fused = to_deploy(model)
+        fp32, int8 = workdir / f"s{size}_fp32.onnx", workdir / f"s{size}_int8.onnx"
+        export_onnx(fused, fp32, dynamic_batch=True, sidecar=False, opset=args.opset)
+        quantize_onnx(model, int8, calib=ds, num_calib=64, sidecar=False, opset=args.opset)
+        x = prepare_inputs(load_images(ds, fused.preprocessing, split="val", limit=1, seed=1)[0], fused.preprocessing, None)
+        runners = {"torch fp32 (fused)": (lambda t=torch.from_numpy(x): fused(t))}
+        for name, p in (("onnxruntime fp32", fp32), ("int8 per-channel", int8)):
+            sess = ort_session(p, threads=args.threads)
+            runners[name] = (lambda sess=sess: sess.run(None, {"input": x}))
+        with torch.no_grad():
+            t = time_interleaved(runners, args.repeats, max(1, args.iters // 8))
+        best = min(t["torch fp32 (fused)"]["median_ms"], t["onnxruntime fp32"]["median_ms"])
+        for k in t:
+            t[k]["speedup_vs_best_fp32"] = best / t[k]["median_ms"]
+        out[f"{size}x{size}"] = t
+        print(f"[speed {size}] " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in t.items()), flush=True)
+    return out
+
+
+def speed_markdown(res: dict) -> str:
+    lines = [f"# fp32 vs INT8 latency by input size - {res['variant']} (Fashion-MNIST weights), batch 1, "
+             f"{res['threads']} thread(s), {res['repeats']} interleaved repeats (median [min-max])", "",
+             "| input | " + " | ".join(next(iter(res["sizes"].values()))) + " | INT8 speed-up vs best fp32 |",
+             "|---" * (2 + len(next(iter(res["sizes"].values())))) + "|"]
+    for size, t in res["sizes"].items():
+        lines.append(f"| {size} | " + " | ".join(f"{v['median_ms']:.2f} [{v['min_ms']:.2f}-{v['max_ms']:.2f}] ms"
+                                               for v in t.values())
+                     + f" | {t['int8 per-channel']['speedup_vs_best_fp32']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(res: dict) -> str:
     lines = [f"# INT8 (ONNX Runtime QDQ static) vs fp32 - {res['variant']} at {res['img']}x{res['img']}", "",
              f"Machine: {res['machine']}; {res['threads']} threads; {res['repeats']} interleaved repeats "
@@ -229,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=64, help="images per timing sample (calls = iters / batch)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--speed-sizes", type=int, nargs="+",
+                    help="only measure fp32 vs INT8 latency of the cached model at these input sizes "
+                         "(writes int8_speed_by_size.json/.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
@@ -239,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
            "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
            "datasets": {}}
+    if args.speed_sizes:
+        with tempfile.TemporaryDirectory(prefix="repvit-int8-speed-") as td:
+            sres = {k: res[k] for k in ("variant", "threads", "repeats", "machine", "command", "versions")}
+            sres["sizes"] = speed_by_size(args, Path(td))
+        atomic_write_text(out / "int8_speed_by_size.json", json.dumps(sres, indent=2) + "\n")
+        atomic_write_text(out / "int8_speed_by_size.md", speed_markdown(sres))
+        print(speed_markdown(sres))
+        return 0
     with tempfile.TemporaryDirectory(prefix="repvit-int8-bench-") as td:
         for ds in args.datasets:
             res["datasets"][ds] = bench_dataset(ds, args, Path(td))
