@@ -14,7 +14,6 @@ openvino_bf16        OpenVINO CPU bf16 (only where the CPU has native bf16)
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -196,11 +195,3 @@ def _openvino(onnx_path: Path, xn: np.ndarray, threads: int, *, bf16: bool, fact
     facts["precision"] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     req = compiled.create_infer_request()
     return (lambda: req.infer({0: xn})), facts
-
-
-def cleanup(workdir: Path) -> None:
-    for p in Path(workdir).glob("*.onnx*"):
-        try:
-            os.remove(p)
-        except OSError:
-            pass
