@@ -137,3 +137,23 @@ def test_pin_threads_sets_and_restores():
     with pytest.raises(ValueError, match="threads"):
         with pin_threads(10_000):
             pass
+
+
+def test_int8_runtime_prepares_and_runs(tmp_path: Path):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from repvit import reparameterize
+    from repvit.bench.runtimes import prepare
+    from repvit.models import build_model
+    model = reparameterize(build_model("repvit_m0_6", num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    run, facts = prepare("onnxruntime_int8", model, x, tmp_path, threads=1, tag="m06")
+    out = run()[0]
+    assert facts["dtype"] == "int8" and facts["note"]
+    assert out.shape == (1, 10)
+    # a quantised model, not the fp32 file under another name
+    assert (tmp_path / "m06.int8.onnx").exists()
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m06.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops or "QLinearConv" in ops
