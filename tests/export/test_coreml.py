@@ -74,7 +74,6 @@ def test_fp16_rgb_spec(tmp_path):
 
 
 @needs_ct
-@pytest.mark.slow
 def test_fp32_grayscale_spec(tmp_path):
     model = small_model(in_chans=1, size=32, num_classes=10)
     info = export_coreml(model, tmp_path / "g.mlpackage", fp16=False)

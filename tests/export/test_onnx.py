@@ -22,12 +22,7 @@ def _run(path, x: np.ndarray) -> np.ndarray:
     return s.run(None, {s.get_inputs()[0].name: x})[0]
 
 
-# the three largest variants repeat the block types of the others at 2-3x the export time: slow-marked
-_BIG = {"repvit_m1_5", "repvit_m2_3", "repvit_m3"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _BIG else n
-                                  for n in repvit.list_models()])
+@pytest.mark.parametrize("name", repvit.list_models())
 def test_every_variant_matches_pytorch(name, tmp_path):
     model = small_model(name, num_classes=7)
     out = tmp_path / f"{name}.onnx"
