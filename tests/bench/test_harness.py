@@ -157,3 +157,11 @@ def test_int8_runtime_prepares_and_runs(tmp_path: Path):
     import onnx
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m06.int8.onnx")).graph.node}
     assert "QuantizeLinear" in ops or "QLinearConv" in ops
+
+
+def test_gpu_mode_is_guarded(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the guard does not apply")
+    assert main(["bench", "--gpu", "--models", "repvit_m0_6"]) == 2
+    assert "CUDA" in capsys.readouterr().err
