@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible as timm_make_divisible
 from torch import nn
 
-from .repvit import ClassifierHead, ConvBN, RepDWConv, SqueezeExcite, Stem, _conv_like, _fold_dtype, fold_bn
+from .repvit import ClassifierHead, ConvBN, RepDWConv, SqueezeExcite, Stem
 
 __all__ = ["RoadmapConfig", "RoadmapNet", "ROADMAP_STEPS", "roadmap_configs", "build_roadmap_model"]
 
@@ -120,29 +120,6 @@ class InvertedResidual(nn.Module):
         return x + y if self.has_skip else y
 
 
-class RepDWConvK(nn.Module):
-    """RepDWConv with a kxk kernel (the roadmap has 5x5 stages before the '3x3 only' step)."""
-
-    def __init__(self, dim: int, k: int) -> None:
-        super().__init__()
-        self.k = k
-        self.conv = ConvBN(dim, dim, k, groups=dim)
-        self.conv1 = nn.Conv2d(dim, dim, 1, groups=dim, bias=True)
-        self.bn = nn.BatchNorm2d(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x) + self.conv1(x) + x)
-
-    @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
-        conv = self.conv.fuse()
-        fd, p, c = _fold_dtype(conv.weight), self.k // 2, self.k // 2
-        w = conv.weight.to(fd) + F.pad(self.conv1.weight.to(fd), [p, p, p, p])
-        w[:, 0, c, c] += 1.0  # identity branch
-        w, b = fold_bn(w, conv.bias.to(fd) + self.conv1.bias.to(fd), self.bn)
-        return _conv_like(conv, w.to(conv.weight.dtype), b.to(conv.weight.dtype))
-
-
 class FFN(nn.Module):
     """Channel mixer with an explicit hidden width (keys as repvit's FFN)."""
 
@@ -161,7 +138,7 @@ class RepBlock(nn.Module):
 
     def __init__(self, dim: int, hidden: int, k: int, use_se: bool) -> None:
         super().__init__()
-        self.token_mixer = RepDWConv(dim) if k == 3 else RepDWConvK(dim, k)
+        self.token_mixer = RepDWConv(dim, kernel_size=k)
         self.se: nn.Module = SqueezeExcite(dim) if use_se else nn.Identity()
         self.channel_mixer = FFN(dim, hidden)
 
