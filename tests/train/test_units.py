@@ -136,3 +136,18 @@ def test_ema_update_by_hand():
     assert ema.module.weight[0, 0].item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
     ema.update(model, step=11)
     assert ema.module.weight[0, 0].item() == pytest.approx(0.9 * 1.2 + 0.1 * 3.0)
+
+
+def test_reparam_ablation_removes_branches_but_keeps_the_deploy_architecture():
+    from repvit.models.repvit import RepDWConv
+    from repvit.reparam import reparameterize
+    from repvit.train.builder import strip_reparam_branches
+    full = build_model("repvit_m0_6", num_classes=10, in_chans=1)
+    off = strip_reparam_branches(build_model("repvit_m0_6", num_classes=10, in_chans=1))
+    assert any(isinstance(m, RepDWConv) for m in full.modules())
+    assert not any(isinstance(m, RepDWConv) for m in off.modules())
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(off) < n(full)
+    # same network after fusing: identical parameter shapes
+    fa, fb = reparameterize(full), reparameterize(off.eval())
+    assert {k: v.shape for k, v in fa.state_dict().items()} == {k: v.shape for k, v in fb.state_dict().items()}

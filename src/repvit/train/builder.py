@@ -13,15 +13,15 @@ __all__ = ["build_student", "strip_reparam_branches", "model_from_file"]
 
 
 def strip_reparam_branches(model: nn.Module) -> nn.Module:
-    """Ablation: replace every RepVGG token mixer (dw3x3+BN, dw1x1, identity, BN) by one dw3x3+BN.
+    """Ablation: replace every RepVGG token mixer (dwkxk+BN, dw1x1, identity, BN) by one dwkxk+BN.
 
     The result has the same deploy-form architecture, so it isolates what the training-time
     branches contribute (paper ablation: re-parameterisation on vs off).
     """
     for name, child in list(model.named_children()):
         if isinstance(child, RepDWConv):
-            dim = child.conv.c.in_channels
-            setattr(model, name, ConvBN(dim, dim, 3, groups=dim))
+            dim, k = child.conv.c.in_channels, child.conv.c.kernel_size[0]
+            setattr(model, name, ConvBN(dim, dim, k, groups=dim))
         else:
             strip_reparam_branches(child)
     return model
