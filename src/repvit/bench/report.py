@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..utils.files import atomic_write
 
 __all__ = ["write_json", "write_text", "bench_markdown", "roadmap_markdown", "plot_bench", "plot_roadmap"]
 
 
-def _atomic(path: str | os.PathLike, write) -> Path:
-    """Write via a temp file in the same folder, then os.replace (never a half-written file)."""
-    path = Path(path)
-    if path.exists() and path.is_dir():
-        raise ValueError(f"{path} is a directory; give a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic(path, lambda t: Path(t).write_text(text))
+    return atomic_write(path, lambda t: Path(t).write_text(text))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -155,7 +138,7 @@ def plot_bench(res: dict, path: str | os.PathLike, runtime: str | None = None) -
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Latency on this CPU vs published accuracy (random weights timed)")
     fig.tight_layout()
-    out = _atomic(path, lambda t: fig.savefig(t, dpi=130, format="png"))
+    out = atomic_write(path, lambda t: fig.savefig(t, dpi=130, format="png"))
     plt.close(fig)
     return out
 
@@ -183,6 +166,6 @@ def plot_roadmap(steps: list[dict], path: str | os.PathLike) -> Path:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=7)
     fig.tight_layout()
-    out = _atomic(path, lambda t: fig.savefig(t, dpi=130, format="png"))
+    out = atomic_write(path, lambda t: fig.savefig(t, dpi=130, format="png"))
     plt.close(fig)
     return out

@@ -8,7 +8,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..models.specs import IMAGENET_PREPROCESSING
 from ..models.registry import build_model, canonical_name, get_spec
 from ..models.repvit import ClassifierHead, RepViT, RepViTFeatures
 from ..reparam import reparameterize

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,8 +60,8 @@ def _models(args: argparse.Namespace) -> int:
     print("\ntrain params: single head; deploy: fused. MACs: fused model, 224x224, fvcore convention. "
           "top-1 (ImageNet-1K, distilled) and iPhone 12 latency: published (paper / official README).")
     if args.json:
-        from .io import atomic_write
-        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
+        from ..utils.files import atomic_write_json
+        atomic_write_json(args.json, rows)
     return 0
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from ..utils.files import atomic_write
 from . import layouts
 from .layouts import CheckpointFormatError, StateInfo
 
@@ -161,25 +161,6 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool | None = None) -> 
         except (TypeError, ValueError):
             parsed_meta[k] = v
     return ReadCheckpoint(path, fmt, ours, layouts.analyse_ours(ours), used_ema, parsed_meta)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {parent} is not a writable directory ({e.strerror or e})") from e
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_state_dict(
