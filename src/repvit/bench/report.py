@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = ["write_json", "write_text", "bench_markdown", "roadmap_markdown", "plot_bench", "plot_roadmap"]
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda t: Path(t).write_text(text))
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2) + "\n")
+write_text = atomic_write_text
+write_json = atomic_write_json
 
 
 def _f(x: float | None, fmt: str = ".2f") -> str:
