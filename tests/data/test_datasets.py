@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from repvit.data import GlobalBatchSampler, build_data, validate_image_folder

@@ -48,18 +48,12 @@ def load_source(
     """
     from ..weights.api import create_model
     from ..weights.io import read_checkpoint
-    from ..weights.layouts import matching_variants
 
     src = str(source)
     path = Path(src).expanduser()
     if path.is_file():
         ck = read_checkpoint(path, use_ema=use_ema)
-        variant = model or ck.metadata.get("variant")
-        if not variant:
-            names = matching_variants(ck.info)
-            if not names:
-                raise ValueError(f"{src} holds no RepViT variant ({ck.describe()})")
-            variant = names[0]
+        variant = model or ck.variant
         m = create_model(canonical_name(variant), checkpoint=path, use_ema=use_ema)
         m._export_source = path.name
         m._export_source_form = ck.info.form

@@ -1,6 +1,12 @@
 """Training and evaluation: typed recipes, the DDP-ready loop, distillation, evaluation, plots."""
 
-from .config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, dump_yaml
+from .config import (
+           TrainConfig,
+           apply_overrides,
+           config_from_dict,
+           config_to_dict,
+           dump_yaml,
+)
 from .evaluate import evaluate, evaluate_checkpoint
 from .loop import NonFiniteLossError, TrainResult, train
 from .recipes import list_recipes, load_recipe

@@ -49,12 +49,6 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
 
 def model_from_file(path: str, **kwargs) -> nn.Module:
     """``repvit.create_model`` for a file whose variant is read from the file itself."""
-    import repvit
-    from repvit.weights.io import read_checkpoint
-    from repvit.weights.layouts import matching_variants
+    from repvit.weights.api import model_from_checkpoint
 
-    ck = read_checkpoint(path)
-    variant = ck.metadata.get("variant") or next(iter(matching_variants(ck.info)), None)
-    if not variant:
-        raise ValueError(f"{path}: cannot tell which RepViT variant it holds ({ck.info.describe()})")
-    return repvit.create_model(variant, checkpoint=path, **kwargs)
+    return model_from_checkpoint(path, **kwargs)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils.files import atomic_write
+
 __all__ = ["atomic_torch_save", "capture_rng", "restore_rng", "load_train_state", "rotate"]
 
 
@@ -22,13 +24,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
     A crash at any moment leaves either the old file or the new one, never a truncated one.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def capture_rng() -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import random
 import sys
@@ -31,11 +30,23 @@ import repvit
 from repvit.data import DataBundle, GlobalBatchSampler, build_data
 from repvit.reparam import reparameterize
 
+from ..utils.files import atomic_write_json, atomic_write_text
 from .builder import build_student
-from .checkpoint import atomic_torch_save, capture_rng, load_train_state, restore_rng, rotate
+from .checkpoint import (
+    atomic_torch_save,
+    capture_rng,
+    load_train_state,
+    restore_rng,
+    rotate,
+)
 from .config import TrainConfig, config_from_dict, config_to_dict, dump_yaml
 from .dist import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .distill import DistillationLoss, build_teacher, precompute_teacher_logits, teacher_targets
+from .distill import (
+    DistillationLoss,
+    build_teacher,
+    precompute_teacher_logits,
+    teacher_targets,
+)
 from .evaluate import autocast_ctx, evaluate
 
 __all__ = ["train", "NonFiniteLossError", "TrainResult", "build_optimization"]
@@ -108,9 +119,7 @@ def _truncate_metrics(path: Path, before_epoch: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < before_epoch]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _mix(mixup, x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothing: float,
@@ -195,9 +204,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     num_classes = cfg.model.num_classes or bundle.num_classes
     in_chans = cfg.model.in_chans or bundle.in_chans
     if di.is_main and state is None:
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(dump_yaml(cfg))
-        os.replace(tmp, run_dir / "config.yaml")
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     # ---- model, teacher, EMA
     model = build_student(cfg, num_classes, in_chans)
@@ -469,9 +476,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     wall = time.perf_counter() - t_start
     summary["wall_s"] = wall
     if di.is_main:
-        tmp = run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "summary.json")
+        atomic_write_json(run_dir / "summary.json", summary)
     return TrainResult(run_dir, best["top1"], best["source"], best["epoch"] + 1, deploy_top1,
                        cfg.schedule.epochs, wall, summary)
 

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from ..utils.files import atomic_write
+
 __all__ = ["read_metrics", "plot_run"]
 
 
@@ -53,8 +55,6 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     fig.suptitle(str(Path(run_dir).resolve().name))
     fig.tight_layout()
     dst = Path(out) if out else (Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent) / "curves.png"
-    tmp = dst.with_name(f".{dst.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(dst, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, dst)
     return dst

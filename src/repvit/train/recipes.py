@@ -9,7 +9,14 @@ from pathlib import Path
 
 import yaml
 
-from .config import DEIT_REGNETY160_URL, TrainConfig, config_from_dict, config_to_dict, load_yaml
+from ..utils.files import atomic_write_text
+from .config import (
+    DEIT_REGNETY160_URL,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    load_yaml,
+)
 
 __all__ = ["list_recipes", "recipe_path", "load_recipe", "official_recipe", "write_official_recipes",
            "IMAGENET_VARIANTS", "DEFAULT_RECIPE"]
@@ -83,9 +90,5 @@ def write_official_recipes(out_dir: str | os.PathLike | None = None) -> list[Pat
                 desc = (f"{v}, ImageNet-1k, {epochs} epochs, " + ("hard distillation from RegNetY-16GF (DeiT)"
                         if distill else "no distillation") + ". Official RepViT recipe; pass --data /path/to/imagenet.")
                 text = f"description: {desc}\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
-                path = out / f"{name}.yaml"
-                tmp = path.with_suffix(".yaml.tmp")
-                tmp.write_text(text)
-                os.replace(tmp, path)
-                written.append(path)
+                written.append(atomic_write_text(out / f"{name}.yaml", text))
     return written

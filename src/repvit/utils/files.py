@@ -25,6 +25,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

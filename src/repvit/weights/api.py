@@ -15,7 +15,7 @@ from . import layouts
 from .hub import download_weights, get_weights
 from .io import FORMAT_VERSION, CheckpointFormatError, ReadCheckpoint, read_checkpoint, write_state_dict
 
-__all__ = ["create_model", "load_checkpoint", "save_checkpoint", "CheckpointMismatchError"]
+__all__ = ["create_model", "model_from_checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointMismatchError"]
 
 
 class CheckpointMismatchError(ValueError):
@@ -177,6 +177,11 @@ def create_model(
     if features_only:
         return RepViTFeatures(model, out_indices)
     return model
+
+
+def model_from_checkpoint(path: str | os.PathLike, **kwargs: Any) -> RepViT | RepViTFeatures:
+    """``create_model`` for a file whose variant is read from the file itself (metadata or shapes)."""
+    return create_model(read_checkpoint(path, use_ema=kwargs.get("use_ema")).variant, checkpoint=path, **kwargs)
 
 
 def save_checkpoint(

@@ -69,15 +69,9 @@ def _convert(args: argparse.Namespace) -> int:
     from ..reparam import reparameterize
     from .api import create_model, save_checkpoint
     from .io import read_checkpoint
-    from .layouts import matching_variants
 
     ck = read_checkpoint(args.source, use_ema=args.use_ema or None)
-    variant = args.variant
-    if variant is None:
-        names = matching_variants(ck.info)
-        if not names:
-            raise ValueError(f"{args.source} holds no known variant ({ck.describe()}); pass --variant")
-        variant = names[0]
+    variant = args.variant or ck.variant
     model = create_model(variant, checkpoint=args.source, use_ema=args.use_ema or None)
     if args.deploy and not model.deploy:
         model = reparameterize(model)

@@ -45,6 +45,14 @@ class ReadCheckpoint:
     used_ema: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def variant(self) -> str:
+        """The variant the file holds: its metadata, else the first variant with these widths/depths."""
+        name = self.metadata.get("variant") or next(iter(layouts.matching_variants(self.info)), None)
+        if not name:
+            raise CheckpointFormatError(f"{self.path} holds no known RepViT variant ({self.describe()})")
+        return name
+
     def describe(self) -> str:
         ema = " (EMA weights)" if self.used_ema else ""
         return f"{self.source_format}-format checkpoint{ema} holding {self.info.describe()}"
