@@ -64,8 +64,25 @@ def _sibling(base: Path | None, explicit: Path | None, suffix: str) -> Path | No
     return base.with_suffix(suffix) if base is not None else None
 
 
+def _write_outputs(args: argparse.Namespace, obj, md: str, plot) -> None:
+    """Print the Markdown; write JSON, Markdown and PNG where asked (or next to --json)."""
+    from .report import write_json, write_text
+    print(md)
+    if args.json:
+        print(f"wrote {write_json(args.json, obj)}")
+    mdp = _sibling(args.json, args.markdown, ".md")
+    if mdp:
+        print(f"wrote {write_text(mdp, md)}")
+    png = _sibling(args.json, args.plot, ".png")
+    if png and plot is not None:
+        try:
+            print(f"wrote {plot(png)}")
+        except RuntimeError as e:  # no matplotlib / nothing plottable: the numbers are still written
+            print(f"plot skipped: {e}")
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from .report import bench_markdown, plot_bench, write_json, write_text
+    from .report import bench_markdown, plot_bench, write_json
     models = [m for s in args.models for m in _csv(s)] if args.models else None
     if args.gpu:
         from .gpu import gpu_throughput
@@ -82,38 +99,15 @@ def _bench(args: argparse.Namespace) -> int:
                     downstream_size=args.downstream_size, downstream_models=args.downstream_models,
                     downstream_runtimes=args.downstream_runtimes,
                     peak=not args.no_peak)
-    md = bench_markdown(res)
-    print(md)
-    if args.json:
-        print(f"wrote {write_json(args.json, res)}")
-    mdp = _sibling(args.json, args.markdown, ".md")
-    if mdp:
-        print(f"wrote {write_text(mdp, md)}")
-    png = _sibling(args.json, args.plot, ".png")
-    if png:
-        try:
-            print(f"wrote {plot_bench(res, png, args.plot_runtime)}")
-        except RuntimeError as e:  # no matplotlib / nothing plottable: the numbers are still written
-            print(f"plot skipped: {e}")
+    _write_outputs(args, res, bench_markdown(res), lambda png: plot_bench(res, png, args.plot_runtime))
     return 0
 
 
 def _roadmap(args: argparse.Namespace) -> int:
-    from .report import plot_roadmap, roadmap_markdown, write_json, write_text
+    from .report import plot_roadmap, roadmap_markdown
     from .roadmap import run_roadmap
     steps, meta = run_roadmap(runtime=args.runtime, threads=args.threads, input_size=args.input_size,
                               warmup=args.warmup, iters=args.iters, rounds=args.rounds, measure=not args.no_measure)
-    md = roadmap_markdown(steps, meta)
-    print(md)
-    if args.json:
-        print(f"wrote {write_json(args.json, steps)}")
-    mdp = _sibling(args.json, args.markdown, ".md")
-    if mdp:
-        print(f"wrote {write_text(mdp, md)}")
-    png = _sibling(args.json, args.plot, ".png")
-    if png and not args.no_measure:
-        try:
-            print(f"wrote {plot_roadmap(steps, png)}")
-        except RuntimeError as e:
-            print(f"plot skipped: {e}")
+    plot = None if args.no_measure else (lambda png: plot_roadmap(steps, png))
+    _write_outputs(args, steps, roadmap_markdown(steps, meta), plot)
     return 0
