@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Sequence
+from typing import Sequence
 
 from .repvit import RepViT, RepViTFeatures
-from .specs import FACTS, SPECS, RepViTSpec
+from .specs import SPECS, RepViTSpec
 
 __all__ = ["list_models", "get_spec", "build_model", "UnknownModelError"]
 
@@ -20,10 +20,12 @@ def list_models(*, include_legacy: bool = True) -> list[str]:
     return [n for n, s in SPECS.items() if include_legacy or not s.legacy]
 
 
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(".", "_")
+
+
 def get_spec(name: str) -> RepViTSpec:
-    key = name.strip().lower().replace("-", "_").replace(".", "_")
-    if key.startswith("repvit_") and key in SPECS:
-        return SPECS[key]
+    key = _normalise(name)
     if key in SPECS:
         return SPECS[key]
     close = difflib.get_close_matches(key, list(SPECS), n=3, cutoff=0.5)
@@ -32,8 +34,9 @@ def get_spec(name: str) -> RepViTSpec:
 
 
 def canonical_name(name: str) -> str:
+    """The registry name for ``name`` (case, '-' and '.' normalised); unknown names raise."""
     get_spec(name)
-    return name.strip().lower().replace("-", "_").replace(".", "_")
+    return _normalise(name)
 
 
 def build_model(
@@ -57,6 +60,3 @@ def build_model(
         return RepViTFeatures(model, out_indices)
     return model
 
-
-def variant_facts(name: str) -> Any:
-    return FACTS[canonical_name(name)]

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..models.registry import build_model, canonical_name, get_spec
+from ..models.registry import build_model, canonical_name
 from ..models.repvit import ClassifierHead, RepViT, RepViTFeatures
 from ..reparam import reparameterize
 from . import layouts
@@ -33,12 +33,12 @@ def _check_variant(ck: ReadCheckpoint, model: RepViT | RepViTFeatures) -> None:
     info = ck.info
     same_arch = spec.widths == info.widths and spec.depths == info.depths
     if not same_arch or (info.legacy is not None and info.legacy != spec.legacy and _model_form(model) == "train"):
+        names = layouts.matching_variants(info)
         raise CheckpointMismatchError(
             f"{ck.path} is a {ck.describe()}, but the model is {model.variant} "
             f"(widths {list(spec.widths)}, depths {list(spec.depths)}{', legacy token mixer' if spec.legacy else ''}). "
-            f"Create the matching variant, e.g. repvit.create_model({layouts.matching_variants(info)[0]!r}, checkpoint=...)"
-            if layouts.matching_variants(info) else
-            f"{ck.path} holds an architecture that is no RepViT variant ({ck.describe()})"
+            f"Create the matching variant, e.g. repvit.create_model({names[0]!r}, checkpoint=...)"
+            if names else f"{ck.path} holds an architecture that is no RepViT variant ({ck.describe()})"
         )
     if ck.info.in_chans != model.in_chans:
         raise CheckpointMismatchError(
@@ -137,8 +137,7 @@ def create_model(
       - ``deploy=False`` with a deploy-form file: an error (fused weights cannot be un-fused).
     ``kwargs``: ``drop_rate``, ``drop_path_rate``.
     """
-    name = canonical_name(name)
-    get_spec(name)
+    name = canonical_name(name)  # unknown names raise here, listing the variants
     source = checkpoint
     if pretrained and checkpoint is None:
         source = download_weights(get_weights(name, pretrained))
