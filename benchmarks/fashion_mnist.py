@@ -216,7 +216,6 @@ def main() -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    lines: list[str] = []
 
     def log(msg: str) -> None:
         print(f"[{(time.time() - t_start) / 60:5.1f} min] {msg}", flush=True)

@@ -164,11 +164,12 @@ class FFN(nn.Module):
     """Channel mixer: 1x1 expand (x2), GELU, 1x1 project. The projection BN starts at 0
     so every residual block is the identity at initialisation."""
 
-    def __init__(self, dim: int, ratio: int = 2, *, deploy: bool = False) -> None:
+    def __init__(self, dim: int, ratio: int = 2, *, hidden: int | None = None, deploy: bool = False) -> None:
         super().__init__()
-        self.conv1 = conv_bn(dim, dim * ratio, 1, deploy=deploy)
+        hidden = hidden or dim * ratio  # an explicit width serves the roadmap's MobileNetV3 expansions
+        self.conv1 = conv_bn(dim, hidden, 1, deploy=deploy)
         self.act = nn.GELU()
-        self.conv2 = conv_bn(dim * ratio, dim, 1, bn_weight_init=0.0, deploy=deploy)
+        self.conv2 = conv_bn(hidden, dim, 1, bn_weight_init=0.0, deploy=deploy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.act(self.conv1(x)))
@@ -196,12 +197,14 @@ class RepViTBlock(nn.Module):
     """Token mixer (re-parameterisable dw 3x3, optional SE) then residual channel mixer."""
 
     def __init__(
-        self, dim: int, *, use_se: bool, legacy: bool = False, drop_path: float = 0.0, deploy: bool = False
+        self, dim: int, *, use_se: bool, legacy: bool = False, drop_path: float = 0.0, deploy: bool = False,
+        kernel_size: int = 3, hidden: int | None = None,
     ) -> None:
         super().__init__()
-        self.token_mixer = conv_bn(dim, dim, 3, groups=dim, deploy=True) if deploy else RepDWConv(dim, legacy)
+        self.token_mixer = (conv_bn(dim, dim, kernel_size, groups=dim, deploy=True) if deploy
+                            else RepDWConv(dim, legacy, kernel_size))
         self.se = SqueezeExcite(dim) if use_se else nn.Identity()
-        self.channel_mixer = FFN(dim, deploy=deploy)
+        self.channel_mixer = FFN(dim, hidden=hidden, deploy=deploy)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible as timm_make_divisible
 from torch import nn
 
-from .repvit import ClassifierHead, ConvBN, RepDWConv, SqueezeExcite, Stem
+from .repvit import FFN, ClassifierHead, ConvBN, RepViTBlock, SqueezeExcite, Stem
 
 __all__ = ["RoadmapConfig", "RoadmapNet", "ROADMAP_STEPS", "roadmap_configs", "build_roadmap_model"]
 
@@ -120,33 +120,6 @@ class InvertedResidual(nn.Module):
         return x + y if self.has_skip else y
 
 
-class FFN(nn.Module):
-    """Channel mixer with an explicit hidden width (keys as repvit's FFN)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.conv1 = ConvBN(dim, hidden, 1)
-        self.act = nn.GELU()
-        self.conv2 = ConvBN(hidden, dim, 1, bn_weight_init=0.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.act(self.conv1(x)))
-
-
-class RepBlock(nn.Module):
-    """RepViT block with kernel k and FFN hidden width (keys as repvit's RepViTBlock)."""
-
-    def __init__(self, dim: int, hidden: int, k: int, use_se: bool) -> None:
-        super().__init__()
-        self.token_mixer = RepDWConv(dim, kernel_size=k)
-        self.se: nn.Module = SqueezeExcite(dim) if use_se else nn.Identity()
-        self.channel_mixer = FFN(dim, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.se(self.token_mixer(x))
-        return x + self.channel_mixer(x)
-
-
 class RepTransition(nn.Module):
     """Official stride-2 RepViT block: dw kxk (stride) conv-BN, SE, 1x1 conv-BN to out, residual FFN."""
 
@@ -157,7 +130,7 @@ class RepTransition(nn.Module):
             SqueezeExcite(in_chs) if use_se else nn.Identity(),
             ConvBN(in_chs, out_chs, 1),
         )
-        self.channel_mixer = FFN(out_chs, hidden)
+        self.channel_mixer = FFN(out_chs, hidden=hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.token_mixer(x)
@@ -169,10 +142,10 @@ class DeepDownsample(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, k: int, expansion: float) -> None:
         super().__init__()
-        self.pre_block = RepBlock(in_chs, _hidden(in_chs, expansion), k, use_se=False)
+        self.pre_block = RepViTBlock(in_chs, use_se=False, kernel_size=k, hidden=_hidden(in_chs, expansion))
         self.spatial_downsample = ConvBN(in_chs, in_chs, k, 2, groups=in_chs)
         self.channel_downsample = ConvBN(in_chs, out_chs, 1)
-        self.ffn = FFN(out_chs, _hidden(out_chs, expansion))
+        self.ffn = FFN(out_chs, hidden=_hidden(out_chs, expansion))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.channel_downsample(self.spatial_downsample(self.pre_block(x)))
@@ -281,7 +254,7 @@ def _build_stage(cfg: RoadmapConfig, s: int, in_dim: int, *, stem_strided_only: 
         if cfg.block == "inverted_residual":
             blk: nn.Module = InvertedResidual(in_dim, out, k, stride, e, se[j])
         elif stride == 1 and in_dim == out:
-            blk = RepBlock(out, _hidden(out, e), k, se[j])
+            blk = RepViTBlock(out, use_se=se[j], kernel_size=k, hidden=_hidden(out, e))
         else:
             blk = RepTransition(in_dim, out, k, stride, _hidden(out, e), se[j])
         if stride == 2:
