@@ -9,6 +9,7 @@ from repvit import reparameterize
 from repvit.models import build_model
 from repvit.models.roadmap import ROADMAP_STEPS, RoadmapConfig, build_roadmap_model, roadmap_configs
 from repvit.utils.complexity import count_macs, count_params
+from tests.conftest import randomize_bn
 
 
 def test_last_step_is_repvit_m0_9_params_and_macs():
@@ -33,12 +34,7 @@ def test_last_step_loads_m0_9_weights_and_matches_outputs():
 def test_every_step_builds_runs_and_fuses(step):
     torch.manual_seed(step)
     m = build_roadmap_model(step, num_classes=10).eval()
-    # non-trivial BN statistics so fusing is actually exercised
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-            mod.weight.data.uniform_(0.5, 1.5)
+    randomize_bn(m, seed=step)  # non-trivial BN statistics so fusing is actually exercised
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         y = m(x)

@@ -7,6 +7,7 @@ import torch
 
 import repvit
 from repvit.models import FACTS
+from repvit.utils.files import sha256_of
 from repvit.weights import hub, layouts
 
 # file names of the official release (reference sheet: official_checkpoints.files)
@@ -44,7 +45,7 @@ def test_pretrained_downloads_verifies_and_builds_the_distilled_form(tmp_path, m
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    pinned = hub.WeightsEntry(**{**entry.__dict__, "sha256": hub.sha256_file(src)})
+    pinned = hub.WeightsEntry(**{**entry.__dict__, "sha256": sha256_of(src)})
     monkeypatch.setitem(hub.WEIGHTS, entry.name, pinned)
     m = repvit.create_model("repvit_m0_9", pretrained=True)
     assert calls == [entry.url]

@@ -4,17 +4,18 @@ the preprocessing wrapper, and the default preprocessing of a model."""
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..utils.files import atomic_write_text, sha256_of
 
 __all__ = [
     "require", "check_writable", "atomic_output", "sha256_of", "write_sidecar", "sidecar_path",
@@ -87,31 +88,6 @@ class atomic_output:
                 os.replace(self.tmp, self.target)
         finally:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
-
-
-def _iter_files(path: Path) -> Iterator[Path]:
-    if path.is_dir():
-        yield from sorted(p for p in path.rglob("*") if p.is_file())
-    else:
-        yield path
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """sha256 of a file; for a directory (.mlpackage) of every file's relative name and bytes, in sorted order."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in _iter_files(root):
-        if root.is_dir():
-            h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:

@@ -9,13 +9,14 @@ told it was not verified against a pinned value.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..utils.files import sha256_of
 
 __all__ = ["WeightsEntry", "WEIGHTS", "get_weights", "list_weights", "download_weights", "OfflineError"]
 
@@ -88,14 +89,6 @@ def get_weights(variant: str, tag: str | bool | None = True) -> WeightsEntry:
     return WEIGHTS[key]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Return the local path of ``entry``'s file, downloading it into the torch.hub cache if needed.
 
@@ -113,7 +106,7 @@ def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None
                 f"could not download {entry.name} from {entry.url} ({type(e).__name__}: {e}). If this machine is "
                 f"offline, fetch the file elsewhere and place it at {dest}, or pass checkpoint=PATH."
             ) from e
-    digest = sha256_file(dest)
+    digest = sha256_of(dest)
     if entry.sha256 is not None and digest != entry.sha256:
         dest.unlink()
         raise RuntimeError(
