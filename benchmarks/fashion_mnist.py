@@ -25,7 +25,9 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,6 +71,7 @@ class Trainer:
             model.set_distilled_training(True)
         self.clip = cfg.optim.clip_grad
         self.step_n, self.busy_s, self.images, self.loss_sum = 0, 0.0, 0, 0.0
+        self.data_digest = 0.0   # position-weighted sum of every batch seen: equal across arms <=> same batches
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -90,6 +93,7 @@ class Trainer:
         self.busy_s += time.perf_counter() - t0
         self.images += len(y)
         self.loss_sum += loss.item()
+        self.data_digest += self.step_n * (float(x.double().sum()) + float(y.sum()))
 
     def result(self, val, batch: int) -> dict:
         if self.teacher is not None:
@@ -101,7 +105,47 @@ class Trainer:
                 "raw_top1": raw["top1"], "ema_top1": ema["top1"], "updates": self.step_n,
                 "train_images": self.images, "train_s": round(self.busy_s, 1),
                 "img_per_s": round(self.images / max(self.busy_s, 1e-9), 1),
-                "params": sum(p.numel() for p in self.model.parameters())}
+                "params": sum(p.numel() for p in self.model.parameters()),
+                "data_digest": f"{self.data_digest:.6e}"}
+
+
+class DataRNG:
+    """Augmentation randomness on its own stream (torch, python, numpy), swapped in only while a batch is drawn.
+
+    Models consume the global RNG differently (initialisation, dropout, drop-path), so without this two
+    processes training different models on the same seed would see different augmentations after the first
+    batch; with it, every process of a comparison draws bit-identical batches.
+    """
+
+    def __init__(self, seed: int) -> None:
+        import numpy as np
+        outer = self._get()
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        self.state = self._get()
+        self._set(outer)
+
+    @staticmethod
+    def _get():
+        import numpy as np
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+    @staticmethod
+    def _set(state) -> None:
+        import numpy as np
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
+
+    def next(self, it):
+        outer = self._get()
+        self._set(self.state)
+        try:
+            return next(it)
+        finally:
+            self.state = self._get()
+            self._set(outer)
 
 
 def side_by_side(trainers: list[Trainer], bundle, cfg: TrainConfig, epochs: float, deadline: float, log,
@@ -114,11 +158,17 @@ def side_by_side(trainers: list[Trainer], bundle, cfg: TrainConfig, epochs: floa
     sampler = GlobalBatchSampler(len(bundle.train), gb, seed=cfg.run.seed)
     total = trainers[0].sched.t_initial
     done, epoch = 0, 0
+    data_rng = DataRNG(cfg.run.seed + 1)
     while done < total:
         sampler.set_epoch(epoch)
         loader = DataLoader(bundle.train, batch_sampler=sampler, collate_fn=bundle.collate,
                             generator=torch.Generator().manual_seed(epoch))
-        for x, y, _ in loader:
+        it = iter(loader)
+        while True:
+            try:
+                x, y, _ = data_rng.next(it)
+            except StopIteration:
+                break
             order = trainers if done % 2 == 0 else trainers[::-1]   # alternate who goes first
             for t in order:
                 t.step(x, y)
@@ -141,6 +191,48 @@ def side_by_side(trainers: list[Trainer], bundle, cfg: TrainConfig, epochs: floa
         if time.time() > deadline:
             log(f"  budget reached after {done} updates ({done / max(1, len(sampler)):.2f} epochs)")
             break
+
+
+def comparison_model(name: str) -> nn.Module:
+    """Ours for RepViT names, timm's for anything else (e.g. mobilenetv3_large_100); 10 classes, 1 channel."""
+    from repvit.models import list_models
+    if name in list_models():
+        return build_model(name, num_classes=10, in_chans=1)
+    import timm
+    return timm.create_model(name, num_classes=10, in_chans=1)
+
+
+def run_parallel(args, part: str, arms: list[str], epochs: float, root: Path, log) -> list[dict]:
+    """Run each arm of a comparison in its own single-thread process (one per core), then read their results.
+
+    The arms see bit-identical batches (same sampler seed, :class:`DataRNG`), so this is the same experiment
+    as stepping them in turn in one process, in about half the wall time on a 2-core machine.
+    """
+    procs = []
+    for arm in arms:
+        sub = root / part / arm
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--parts", part, f"--{part}-models", arm,
+               "--epochs", repr(epochs), "--budget-minutes", str(args.budget_minutes), "--res", str(args.res),
+               "--batch", str(args.batch), "--threads", "1", "--out-dir", str(sub), "--tag", arm]
+        if args.quick:
+            cmd.append("--quick")
+        procs.append((arm, sub, subprocess.Popen(cmd)))
+    results = []
+    for arm, sub, proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError(f"{part} arm {arm} failed (exit {proc.returncode}); see its log above")
+        results.append(json.loads((sub / "fashion_mnist.json").read_text()))
+    return results
+
+
+def merge_progress(per_arm: list[list[dict]]) -> list[dict]:
+    """Join the per-epoch progress rows of parallel arms by epoch."""
+    rows: dict[int, dict] = {}
+    for arm_rows in per_arm:
+        for row in arm_rows:
+            rows.setdefault(row["epoch"], {"epoch": row["epoch"], "updates": row["updates"]}).update(
+                {k: v for k, v in row.items() if k not in ("epoch", "updates")})
+    return [rows[e] for e in sorted(rows)]
 
 
 def speed(args, log) -> dict:
@@ -209,6 +301,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parts", default="speed,main,reparam,distill")
     ap.add_argument("--speed-rounds", type=int, default=7)
+    ap.add_argument("--main-models", default="repvit_m0_9,mobilenetv3_large_100",
+                    help="models of the main comparison (ours for RepViT names, timm's otherwise)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="train each model of a comparison in its own 1-thread process (one per core), same batches")
+    ap.add_argument("--tag", default="", help="prefix for log lines (set for the per-arm processes of --parallel)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,7 +315,7 @@ def main() -> int:
     t_start = time.time()
 
     def log(msg: str) -> None:
-        print(f"[{(time.time() - t_start) / 60:5.1f} min] {msg}", flush=True)
+        print(f"[{(time.time() - t_start) / 60:5.1f} min]{' ' + args.tag if args.tag else ''} {msg}", flush=True)
 
     cfg = apply_overrides(load_recipe("fashion_mnist_full"), [
         f"data.img_size={args.res}", f"run.batch_size={args.batch}", f"run.global_batch={args.batch}",
@@ -231,7 +328,8 @@ def main() -> int:
     results: dict = {"settings": {"quick": args.quick, "res": args.res, "batch": args.batch, "threads": args.threads,
                                   "train_images": len(bundle.train), "val_images": len(bundle.val),
                                   "budget_minutes": args.budget_minutes, "dataset": bundle.name,
-                                  "torch": torch.__version__, "cpu_count": os.cpu_count()}}
+                                  "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                                  "parallel": args.parallel}}
     parts = args.parts.split(",")
 
     def save() -> None:
@@ -263,18 +361,23 @@ def main() -> int:
         save()
 
     if "main" in parts:
-        import timm
+        names = args.main_models.split(",")
         ep = budget_epochs(1.0, 1.0)
         total = max(1, int(ep * steps_per_epoch))
-        log(f"part main: RepViT-M0.9 vs MobileNetV3-L, {ep:.2f} epochs = {total} updates each")
-        tr = [Trainer("repvit_m0_9", build_model("repvit_m0_9", num_classes=10, in_chans=1), cfg, total),
-              Trainer("mobilenetv3_large_100", timm.create_model("mobilenetv3_large_100", num_classes=10, in_chans=1),
-                      cfg, total)]
-        results["main_progress"] = []
-        side_by_side(tr, bundle, cfg, ep, t_start + 2.2 * args.budget_minutes * 60, log,
-                     progress=results["main_progress"], on_progress=save)
-        results["main"] = [t.result(bundle.val, 256) for t in tr]
-        results["main_epochs"] = round(tr[0].step_n / steps_per_epoch, 3)
+        log(f"part main: {' vs '.join(names)}, {ep:.2f} epochs = {total} updates each"
+            + (", one process (core) per model" if args.parallel else ""))
+        if args.parallel and len(names) > 1:
+            subs = run_parallel(args, "main", names, ep, out_dir / "_parallel", log)
+            results["main"] = [row for sub in subs for row in sub["main"]]
+            results["main_progress"] = merge_progress([sub.get("main_progress", []) for sub in subs])
+            results["main_epochs"] = subs[0]["main_epochs"]
+        else:
+            tr = [Trainer(n, comparison_model(n), cfg, total) for n in names]
+            results["main_progress"] = []
+            side_by_side(tr, bundle, cfg, ep, t_start + 2.2 * args.budget_minutes * 60, log,
+                         progress=results["main_progress"], on_progress=save)
+            results["main"] = [t.result(bundle.val, 256) for t in tr]
+            results["main_epochs"] = round(tr[0].step_n / steps_per_epoch, 3)
         log(f"main: {json.dumps(results['main'])}")
         save()
 
