@@ -154,3 +154,14 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert "0 BatchNormalization nodes" in text and "max |ORT - PyTorch|" in text
     side = json.loads(sidecar_path(out).read_text())
     assert side["input_size"] == [3, 64, 64] and side["dynamic_batch"] and side["num_classes"] == 5
+
+
+def test_grey_builtin_calibration_feeds_an_rgb_model():
+    """Digits are grey; an ImageNet-style 3-channel model gets them replicated to RGB (a broadcast view
+    that must not be written in place - this used to raise for every RGB model calibrated on digits)."""
+    pre = {"input_size": [3, 24, 24], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear",
+           "crop_pct": 1.0}
+    x, y = load_images("digits", pre, split="train", limit=5)
+    assert x.shape == (5, 3, 24, 24) and y.shape == (5,)
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0

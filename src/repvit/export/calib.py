@@ -85,7 +85,7 @@ def _to_model_input(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
             x = x.mean(1, keepdim=True)
         else:
             raise ValueError(f"cannot feed {x.shape[1]}-channel images to a {c}-channel model")
-    return x.clamp_(0, 1).contiguous()
+    return x.clamp(0, 1).contiguous()  # not in place: expand() above returns a broadcast view
 
 
 def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
