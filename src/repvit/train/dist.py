@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_sum", "broadcast_object"]
+__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_sum", "average_gradients", "broadcast_object"]
 
 
 @dataclass
@@ -56,6 +56,35 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def average_gradients(params, world_size: int) -> None:
+    """Average ``.grad`` over all ranks by hand (what DDP's backward hooks do), in one flat all-reduce per dtype.
+
+    Used when a micro-batch bypassed DDP's synchronised backward because some rank had no data for it: every
+    rank calls this at the same update, a rank (or parameter) without a gradient contributes zeros, and every
+    parameter ends up with the same averaged gradient on every rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or world_size <= 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    groups: dict[tuple, list] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    for ps in groups.values():
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size)
+        off = 0
+        for p in ps:
+            n = p.numel()
+            g = flat[off:off + n].view_as(p)
+            off += n
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
 
 
 def broadcast_object(obj, src: int = 0):

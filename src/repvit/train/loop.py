@@ -3,7 +3,16 @@
 Order inside one optimizer update (``accum_steps`` micro-batches):
 forward/backward each micro-batch (DDP gradient sync only on the last), stop on a non-finite
 loss before anything is stepped, unscale (fp16), clip (AGC by default), optimizer step, EMA
-update, scheduler update. Checkpoints are written atomically at epoch ends (and every
+update, scheduler update.
+
+Unreadable images (dropped by the collate function) can leave a micro-batch short or empty. The
+gradient of an update is the mean over the samples that were actually read, on all ranks and
+micro-batches together (the same value as before when nothing is dropped). In DDP every rank takes
+part in every collective: the real-sample counts of each micro-step are all-reduced before its
+forward, and when some rank has nothing, the ranks that have data run the plain module (no DDP hooks)
+and every rank averages the gradients by hand at the update. An update without a single readable
+sample on any rank skips the optimizer step on all ranks together (the schedule, EMA and update
+counter still advance, so ranks and resume positions stay in lockstep). Checkpoints are written atomically at epoch ends (and every
 ``run.checkpoint_every_steps`` updates), so a run killed at any moment resumes from the last
 one and ends with the same weights as an uninterrupted run (CPU, same seed, no worker processes).
 """
@@ -40,7 +49,7 @@ from .checkpoint import (
     rotate,
 )
 from .config import TrainConfig, config_from_dict, config_to_dict, dump_yaml
-from .dist import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .dist import DistInfo, all_reduce_sum, average_gradients, cleanup, init_distributed
 from .distill import (
     DistillationLoss,
     build_teacher,
@@ -349,6 +358,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                             persistent_workers=False)
         train_model.train()
         loss_sum, loss_n, skipped, seen = 0.0, 0, 0, 0
+        empty_batches, empty_updates = 0, 0       # micro-batches of this rank with no readable image; updates (global)
+        micro_batch = sampler.micro_batch
+        upd_real, ddp_synced = 0, False           # real samples of the current update (all ranks); last sync by DDP
         t0 = time.perf_counter()
         bar = None
         if di.is_main and cfg.run.progress:
@@ -363,37 +375,72 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                 x, y, idx = x[:-1], y[:-1], idx[:-1]     # mixup pairs samples; keep the batch even
             m_in_step = micro % accum
             last_micro = m_in_step == accum - 1
-            if len(y):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if cfg.run.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                t_target = cached[idx].to(device) if cached is not None else None
-                if mixup is not None:
-                    x, y, t_target = _mix(mixup, x, y, num_classes, cfg.aug.smoothing, t_target)
-                sync = contextlib.nullcontext() if (last_micro or not di.distributed) else model.no_sync()
-                with sync:
-                    with autocast_ctx(device, amp):
-                        out = train_model(x)
-                        if distill and cached is None:
-                            with torch.no_grad():
-                                t_target = teacher(x).float()
-                    loss = criterion(out, y, t_target, teacher_is_dist=cached is not None)
-                    _check_finite(loss, di, epoch, step, micro, run_dir)
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.item() * len(y)
-                loss_n += len(y)
-                seen += len(y)
-            if last_micro:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.optim.clip_mode != "none" and cfg.optim.clip_grad:
-                    dispatch_clip_grad(raw_model.parameters(), cfg.optim.clip_grad, mode=cfg.optim.clip_mode)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
+            if m_in_step == 0:
+                upd_real, ddp_synced = 0, False
+            n_local = len(y)
+            if n_local == 0:
+                empty_batches += 1
+            if di.distributed:
+                # every rank learns, before any forward, how many real samples each micro-step has and whether
+                # some rank has none: then all ranks take the same path and join the same collectives
+                cnt = all_reduce_sum(torch.tensor([float(n_local), float(n_local == 0)], dtype=torch.float64,
+                                                  device=device)).cpu()
+                n_total, any_empty = int(cnt[0].item()), cnt[1].item() > 0
+            else:
+                n_total, any_empty = n_local, n_local == 0
+            upd_real += n_total
+            if n_total > 0:
+                # DDP path only when every rank has data; otherwise the plain module, gradients averaged by hand
+                via_ddp = di.distributed and not any_empty
+                if via_ddp and last_micro:
+                    ddp_synced = True
+                loss = None
+                if n_local:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if cfg.run.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    t_target = cached[idx].to(device) if cached is not None else None
+                    if mixup is not None:
+                        x, y, t_target = _mix(mixup, x, y, num_classes, cfg.aug.smoothing, t_target)
+                    fwd = train_model if (via_ddp or not di.distributed) else raw_model
+                    sync = model.no_sync() if (via_ddp and not last_micro) else contextlib.nullcontext()
+                    with sync:
+                        with autocast_ctx(device, amp):
+                            out = fwd(x)
+                            if distill and cached is None:
+                                with torch.no_grad():
+                                    t_target = teacher(x).float()
+                        loss = criterion(out, y, t_target, teacher_is_dist=cached is not None)
+                        _check_finite(loss, di, epoch, step, micro, run_dir, device)
+                        # weight by real samples: a full micro-batch keeps exactly loss / accum; the update is
+                        # renormalised to the real total below
+                        scaled = (loss if n_local == micro_batch else loss * (n_local / micro_batch)) / accum
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    loss_sum += loss.item() * n_local
+                    loss_n += n_local
+                    seen += n_local
                 else:
-                    optimizer.step()
+                    _check_finite(None, di, epoch, step, micro, run_dir, device)   # join the other ranks' check
+            if last_micro:
+                nominal = micro_batch * world * accum
+                if upd_real > 0:
+                    if di.distributed and not ddp_synced:
+                        average_gradients(raw_model.parameters(), world)
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if upd_real != nominal:
+                        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+                        if grads:
+                            torch._foreach_mul_(grads, nominal / upd_real)
+                    if cfg.optim.clip_mode != "none" and cfg.optim.clip_grad:
+                        dispatch_clip_grad(raw_model.parameters(), cfg.optim.clip_grad, mode=cfg.optim.clip_mode)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                else:
+                    empty_updates += 1                   # no readable sample anywhere: nothing to step
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if ema is not None:
@@ -410,9 +457,11 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         if bar is not None:
             bar.close()
         epoch_time = time.perf_counter() - t0
-        tot = all_reduce_sum(torch.tensor([loss_sum, loss_n, skipped, seen], dtype=torch.float64, device=device)).cpu()
+        tot = all_reduce_sum(torch.tensor([loss_sum, loss_n, skipped, seen, empty_batches], dtype=torch.float64,
+                                          device=device)).cpu()
         train_loss = tot[0].item() / max(tot[1].item(), 1.0)
         n_skipped = int(tot[2].item())
+        n_empty = int(tot[4].item())
 
         # ---- evaluate raw and EMA weights, keep the best
         ev_kw = dict(device=device, batch_size=max(cfg.run.batch_size, 64), amp=amp if device.type == "cuda" else "none",
@@ -436,7 +485,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         rec = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"],
                "epoch_time_s": epoch_time, "train_img_s": tot[3].item() / max(epoch_time, 1e-9),
-               "skipped_images": n_skipped}
+               "skipped_images": n_skipped, "empty_batches": n_empty, "empty_updates": empty_updates}
         if ev_ema is not None:
             rec.update(ema_val_top1=ev_ema["top1"], ema_val_top5=ev_ema["top5"], ema_val_loss=ev_ema["loss"])
         if di.is_main:
@@ -448,6 +497,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                         tb.add_scalar(k, v, epoch)
         ema_txt = f", ema top1 {ev_ema['top1']:.2f}" if ev_ema is not None else ""
         skip_txt = f", skipped {n_skipped} unreadable images" if n_skipped else ""
+        if n_empty:
+            skip_txt += (f" ({n_empty} empty micro-batch(es) skipped"
+                         + (f", {empty_updates} update(s) without data" if empty_updates else "") + ")")
         log(f"epoch {epoch + 1}/{cfg.schedule.epochs}: train loss {train_loss:.4f}, val top1 {ev['top1']:.2f} "
             f"top5 {ev['top5']:.2f}{ema_txt}, {rec['train_img_s']:.0f} img/s, {epoch_time:.0f}s{skip_txt}")
         save_last(epoch + 1, 0)
@@ -487,14 +539,19 @@ def _no_pretrained(cfg: TrainConfig) -> TrainConfig:
     return c
 
 
-def _check_finite(loss: torch.Tensor, di: DistInfo, epoch: int, step: int, micro: int, run_dir: Path) -> None:
-    """Stop every rank together when any rank sees a NaN/inf loss; checkpoints are left as they are."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+def _check_finite(loss: torch.Tensor | None, di: DistInfo, epoch: int, step: int, micro: int, run_dir: Path,
+                  device: torch.device) -> None:
+    """Stop every rank together when any rank sees a NaN/inf loss; checkpoints are left as they are.
+
+    A rank without data for this micro-step passes ``loss=None`` and still joins the all-reduce.
+    """
+    ok = loss is None or bool(torch.isfinite(loss.detach()).all())
+    bad = torch.tensor([0.0 if ok else 1.0], device=device)
     if di.distributed:
         all_reduce_sum(bad)
     if bad.item() > 0:
         last = run_dir / "last.pt"
         where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint had been written yet"
         raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, update {step + 1} (micro-batch {micro}); "
+            f"non-finite loss ({loss.item() if loss is not None else 'on another rank'}) at epoch {epoch + 1}, update {step + 1} (micro-batch {micro}); "
             f"stopping. {where}. Lower optim.base_lr, keep clipping on, or try run.amp=bf16/none, then --resume.")

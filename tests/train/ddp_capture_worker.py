@@ -1,0 +1,41 @@
+"""torchrun entry for the DDP tests: train a tiny config, then save this rank's parameters.
+
+``python -m torch.distributed.run --nproc_per_node 2 ddp_capture_worker.py OUT_DIR key=value ...``
+trains ``tiny_config(key=value ...)`` into OUT_DIR and writes ``OUT_DIR/params_rank{R}.pt`` on every
+rank (the run itself only saves rank 0's state), so a test can check that the ranks stayed in sync.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import repvit.train.loop as loop  # noqa: E402
+from repvit.train import train  # noqa: E402
+from trainhelpers import tiny_config  # noqa: E402
+
+_built: list = []
+_build = loop.build_student
+
+
+def _capture(*args, **kwargs):
+    m = _build(*args, **kwargs)
+    _built.append(m)          # the first one is the model being trained (raw, DDP wraps it)
+    return m
+
+
+def main() -> None:
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    loop.build_student = _capture
+    train(tiny_config(*overrides), out)
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({n: p.detach().clone() for n, p in _built[0].named_parameters()}, out / f"params_rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
