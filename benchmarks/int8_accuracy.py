@@ -2,7 +2,9 @@
 
 For each dataset (Fashion-MNIST, scikit-learn digits) a small RepViT is trained on CPU with a minimal
 loop (cached as a repvit checkpoint, so reruns skip it), then exported to fp32 ONNX and quantized
-with several recipes (per-tensor / per-channel weights, sensitive layers kept in float). Accuracy is
+with several recipes: ONNX Runtime QDQ (per-tensor / per-channel weights, sensitive layers kept in
+float) and OpenVINO via NNCF (depthwise kept float, the default, and everything quantized), each
+against the fp32 model in the same runtime. Accuracy is
 measured on the held-out split; latency is measured interleaved (every repeat runs every model in
 turn) and reported as median and spread, with speed-ups as ratios to the best fp32 runtime.
 
@@ -36,12 +38,24 @@ from repvit.export.onnx_export import export_onnx, ort_session
 from repvit.export.quantize import evaluate_onnx, prepare_inputs, quantize_onnx
 from repvit.export.source import to_deploy
 
+try:  # OpenVINO + NNCF rows are added when both are installed (pip install 'repvit[bench]')
+    from repvit.export.openvino_int8 import evaluate_openvino, openvino_session, quantize_openvino
+    import nncf  # noqa: F401
+    HAVE_OPENVINO = True
+except Exception:  # noqa: BLE001 - any import failure just drops the OpenVINO rows
+    HAVE_OPENVINO = False
+
 # recipes compared: name -> quantize_onnx keyword arguments
 RECIPES = {
     "int8 per-tensor": dict(per_channel=False),
     "int8 per-channel": dict(per_channel=True),
     "int8 per-channel, stem+head float": dict(per_channel=True, keep_float=("stem", "head")),
     "int8 per-channel, depthwise float": dict(per_channel=True, keep_float=("depthwise",)),
+}
+# OpenVINO (NNCF) recipes: name -> quantize_openvino keyword arguments
+OV_RECIPES = {
+    "openvino int8 (NNCF, depthwise float)": dict(keep_float=("depthwise",)),
+    "openvino int8 (NNCF, all layers)": dict(keep_float=()),
 }
 
 
@@ -152,6 +166,21 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
     ref = evaluate_onnx(fp32, x, y)
     rows["onnxruntime fp32"] = {"top1": ref["top1"]}
     paths = {"onnxruntime fp32": fp32}
+    ov_paths = {}
+    if HAVE_OPENVINO:
+        ov_ref = evaluate_openvino(fp32, x, y, threads=args.threads)
+        rows["openvino fp32"] = {"top1": ov_ref["top1"]}
+        ov_paths["openvino fp32"] = fp32
+        for name, kw in OV_RECIPES.items():
+            p = workdir / f"{ds}_ov_{len(ov_paths)}.xml"
+            t = time.perf_counter()
+            info = quantize_openvino(model, p, calib=ds, num_calib=min(args.num_calib, 300), sidecar=False, **kw)
+            res = evaluate_openvino(p, x, y, threads=args.threads)
+            rows[name] = {"top1": res["top1"], "agreement_pct": float((res["pred"] == ov_ref["pred"]).mean() * 100),
+                          "top1_drop": ov_ref["top1"] - res["top1"], "quantize_s": round(time.perf_counter() - t, 1),
+                          "int8_primitives": info["int8_primitives"]}
+            ov_paths[name] = p
+            print(f"[{ds}] {name}: top1 {res['top1']:.2f} (OpenVINO fp32 {ov_ref['top1']:.2f})", flush=True)
     for name, kw in RECIPES.items():
         p = workdir / f"{ds}_{name.replace(' ', '_').replace(',', '').replace('+', '_')}.onnx"
         t = time.perf_counter()
@@ -174,9 +203,12 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
             s = ort_session(p, threads=args.threads)
             iname = s.get_inputs()[0].name
             runners[name] = (lambda s=s, iname=iname, xb=xb: s.run(None, {iname: xb}))
+        for name, p in ov_paths.items():
+            req = openvino_session(p, threads=args.threads).create_infer_request()
+            runners[name] = (lambda req=req, xb=xb: req.infer({0: xb}))
         with torch.no_grad():
             t = time_interleaved(runners, args.repeats, max(1, args.iters // b))
-        best_fp32 = min(t["torch fp32 (fused)"]["median_ms"], t["onnxruntime fp32"]["median_ms"])
+        best_fp32 = min(v["median_ms"] for k, v in t.items() if "fp32" in k)
         for k in t:
             t[k]["speedup_vs_best_fp32"] = best_fp32 / t[k]["median_ms"]
         speed[f"batch{b}"] = t
@@ -228,7 +260,9 @@ def speed_markdown(res: dict) -> str:
 
 
 def to_markdown(res: dict) -> str:
-    lines = [f"# INT8 (ONNX Runtime QDQ static) vs fp32 - {res['variant']} at {res['img']}x{res['img']}", "",
+    lines = [f"# INT8 (ONNX Runtime QDQ static, OpenVINO NNCF) vs fp32 - {res['variant']} at {res['img']}x{res['img']}",
+             "", "INT8 rows compare with the fp32 model in the same runtime (drop and agreement); speed-ups are "
+             "against the best fp32 runtime.", "",
              f"Machine: {res['machine']}; {res['threads']} threads; {res['repeats']} interleaved repeats "
              "(median, [min-max]); speed-up = best fp32 median / median.", ""]
     for ds, r in res["datasets"].items():
@@ -282,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"variant": args.variant, "img": args.img, "threads": args.threads, "repeats": args.repeats,
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
            "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-           "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
+           "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+                        "openvino": __import__("openvino").__version__ if HAVE_OPENVINO else None},
            "datasets": {}}
     if args.speed_sizes:
         with tempfile.TemporaryDirectory(prefix="repvit-int8-speed-") as td:

@@ -9,6 +9,8 @@ onnxruntime          ONNX Runtime CPU fp32, all graph optimisations
 onnxruntime_int8     ONNX Runtime static INT8 (QDQ, per-channel; calibrated on random data:
                      a speed measurement only, accuracy is not checked here)
 openvino             OpenVINO CPU fp32 (if installed)
+openvino_int8        OpenVINO CPU INT8 via NNCF post-training quantization (RepViT: depthwise kept float,
+                     32 digits calibration images; other models: random calibration; speed only)
 openvino_bf16        OpenVINO CPU bf16 (only where the CPU has native bf16)
 """
 
@@ -27,9 +29,9 @@ from .machine import native_bf16
 __all__ = ["RUNTIMES", "DEFAULT_RUNTIMES", "RuntimeUnavailable", "prepare", "export_onnx"]
 
 RUNTIMES = ("eager", "eager_cl", "torchscript", "eager_bf16", "compile", "onnxruntime", "onnxruntime_int8", "openvino",
-            "openvino_bf16")
+            "openvino_int8", "openvino_bf16")
 DEFAULT_RUNTIMES = ("eager", "onnxruntime")
-DTYPE = {"eager_bf16": "bf16", "openvino_bf16": "bf16", "onnxruntime_int8": "int8"}
+DTYPE = {"eager_bf16": "bf16", "openvino_bf16": "bf16", "onnxruntime_int8": "int8", "openvino_int8": "int8"}
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -190,8 +192,34 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
             sess = _ort_session(path, threads)
             feed = {sess.get_inputs()[0].name: xn}
             return (lambda: sess.run(None, feed)), facts
+        if runtime == "openvino_int8":
+            onnx_path = _openvino_int8(model, onnx_path, workdir / f"{tag}.ov_int8.xml", example, facts)
         return _openvino(onnx_path, xn, threads, bf16=runtime == "openvino_bf16", facts=facts)
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+
+
+def _openvino_int8(model: nn.Module, onnx_path: Path, out: Path, example: torch.Tensor, facts: dict) -> Path:
+    """NNCF INT8 IR of ``model``: our quantizer for RepViT (real calibration images, depthwise float),
+    plain NNCF on random calibration data for any other model (a speed measurement only)."""
+    from ..models import RepViT
+    if out.exists():
+        return out
+    try:
+        if isinstance(model, RepViT):
+            from ..export.openvino_int8 import quantize_openvino
+            quantize_openvino(model, out, calib="digits", num_calib=32, input_size=tuple(example.shape[-2:]),
+                              sidecar=False)
+            facts["note"] = "NNCF INT8 (depthwise float), 32 digits calibration images; speed only"
+        else:
+            from ..export.openvino_int8 import nncf_quantize
+            rng = np.random.default_rng(0)
+            nncf_quantize(onnx_path, out, rng.standard_normal((8, *example.shape[1:])).astype(np.float32))
+            facts["note"] = "NNCF INT8 (all layers NNCF picks), random calibration; speed only"
+    except RuntimeError as e:
+        raise RuntimeUnavailable(str(e)) from e
+    except Exception as e:
+        raise RuntimeUnavailable(f"NNCF INT8 quantisation failed: {type(e).__name__}: {str(e)[:200]}") from e
+    return out
 
 
 def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:

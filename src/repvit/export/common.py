@@ -31,6 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _PIP_NAME = {
     "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript", "onnxslim": "onnxslim",
     "coremltools": "coremltools", "executorch": "executorch", "PIL": "pillow", "sklearn": "scikit-learn",
+    "openvino": "openvino", "nncf": "nncf",
 }
 
 

@@ -1,0 +1,74 @@
+"""OpenVINO/NNCF INT8: the CLI backend runs, keeps accuracy on a small trained model, writes IR + sidecar,
+leaves sensitive groups in float on request, and refuses bad options clearly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from repvit.cli import main as cli_main
+from repvit.export import sidecar_path
+from repvit.export.calib import load_images, normalise
+
+from .test_quantize import MAX_DROP, digits_ckpt  # noqa: F401  (the trained digits probe fixture)
+
+pytest.importorskip("openvino", reason="openvino is not installed (pip install 'repvit[bench]')")
+pytest.importorskip("nncf", reason="nncf is not installed (pip install 'repvit[bench]')")
+
+
+def test_openvino_quantize_cli_keeps_accuracy(digits_ckpt, tmp_path, capsys):  # noqa: F811
+    from repvit.export.openvino_int8 import evaluate_openvino, openvino_session, precision_summary
+
+    ckpt, fused = digits_ckpt
+    out = tmp_path / "int8.xml"
+    rc = cli_main(["quantize", str(ckpt), "--calib", "digits", "--num-calib", "64", "--eval", "digits",
+                   "--out", str(out), "--json"])
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out)
+    assert out.is_file() and out.with_suffix(".bin").is_file()
+    e = info["eval"]
+    assert e["images"] == 359
+    assert e["top1_fp32"] > 60.0, "the probe model is not trained; the accuracy bound would be meaningless"
+    assert e["top1_drop"] <= MAX_DROP, json.dumps(e)
+    assert e["agreement_pct"] >= 75.0, json.dumps(e)
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["format"] == "openvino-int8" and side["variant"] == "repvit_m0_6"
+    assert side["quantization"]["calibration"]["images"] == 64
+    # the compiled model really runs convolutions in 8-bit, and predicts the same as the CLI reported
+    prims = precision_summary(openvino_session(out, threads=1))
+    assert sum(n for p, n in prims.items() if p in ("u8", "i8")) > 10, prims
+    raw, labels = load_images("digits", fused.preprocessing, split="val", limit=5, seed=3)
+    res = evaluate_openvino(out, normalise(raw, fused.preprocessing).numpy(), labels.numpy(), threads=1)
+    assert res["logits"].shape == (5, 10) and np.isfinite(res["logits"]).all()
+
+
+def test_openvino_keep_float_leaves_groups_in_float(digits_ckpt, tmp_path):  # noqa: F811
+    from repvit.export.openvino_int8 import openvino_session, precision_summary, quantize_openvino
+
+    _, fused = digits_ckpt
+    all_q = quantize_openvino(fused, tmp_path / "a.xml", calib="digits", num_calib=8, sidecar=False, keep_float=())
+    kept = quantize_openvino(fused, tmp_path / "b.xml", calib="digits", num_calib=8, sidecar=False,
+                             keep_float=["depthwise", "se", "head"])
+    int8 = lambda c: sum(n for p, n in c.items() if p in ("u8", "i8"))  # noqa: E731
+    assert int8(kept["int8_primitives"]) < int8(all_q["int8_primitives"])
+    assert int8(precision_summary(openvino_session(tmp_path / "b.xml"))) == int8(kept["int8_primitives"])
+
+
+def test_openvino_backend_errors(digits_ckpt, tmp_path, capsys):  # noqa: F811
+    ckpt, fused = digits_ckpt
+    cases = [
+        (["--backend", "openvino", "--out", str(tmp_path / "m.onnx")], "must end in .xml"),
+        (["--per-tensor", "--out", str(tmp_path / "m.xml")], "onnxruntime only"),
+        (["--backend", "onnxruntime", "--out", str(tmp_path / "m.xml")], "OpenVINO IR"),
+        (["--keep-float", "none", "se", "--out", str(tmp_path / "m.xml")], "cannot be combined"),
+    ]
+    for extra, message in cases:
+        rc = cli_main(["quantize", str(ckpt), "--calib", "digits", *extra])
+        err = capsys.readouterr().err
+        assert rc != 0 and message in err, (extra, err)
+    assert not list(tmp_path.iterdir()), "a refused command must not leave files behind"
+    from repvit.export.openvino_int8 import quantize_openvino
+    with pytest.raises(ValueError, match="keep-float"):
+        quantize_openvino(fused, tmp_path / "c.xml", calib="digits", num_calib=2, keep_float=["everything"])
