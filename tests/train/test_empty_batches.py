@@ -28,7 +28,7 @@ from repvit.data import GlobalBatchSampler
 from repvit.data.folder import validate_image_folder
 from repvit.train import train
 
-from trainhelpers import ROOT, as_overrides, cli_env, load_state, tiny_config
+from trainhelpers import ROOT, cli_env, load_state, tiny_config
 
 N_PER_CLASS, GB, BS, SEED = 32, 16, 4, 0
 SET = [f"run.global_batch={GB}", f"run.batch_size={BS}", "run.max_steps_per_epoch=3", "schedule.epochs=1",

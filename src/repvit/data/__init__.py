@@ -1,8 +1,12 @@
-"""Datasets for training/evaluation: built-ins (Fashion-MNIST, digits), class folders, and timm readers.
+"""Datasets for training/evaluation: built-ins (Fashion-MNIST, digits), class folders, tar, webdataset, HF datasets.
 
 ``build_data`` validates the source first (path, layout, class folders) so mistakes surface before
 any model is built, and returns the datasets plus what the model needs to know (classes, channels,
 normalisation).
+
+Every dataset is map-style (random access), because the training loop's global-batch sampler drives
+repeated augmentation, DDP sharding, accumulation and exact resume by index: ``tar`` goes through timm's
+reader, ``wds`` and ``hfds`` through our own random-access readers (:mod:`.wds`, :mod:`.hf`).
 """
 
 from __future__ import annotations
@@ -93,6 +97,13 @@ def _num_classes_of(ds: Any) -> int | None:
     return None
 
 
+def _check_split_classes(src: str, n_val: int, n_train: int | None, given: int | None) -> None:
+    """Labels are class indices: the splits must agree on the class count unless model.num_classes fixes it."""
+    if n_train is not None and not given and n_val > n_train:
+        raise ValueError(f"the validation split of {src!r} has labels up to {n_val - 1} but the training split only "
+                         f"up to {n_train - 1}; set model.num_classes (or num_classes in the info file)")
+
+
 def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_classes: int | None = None) -> DataBundle:
     """Validate and build the datasets described by ``data`` (a DataConfig) and ``aug`` (an AugConfig)."""
     src = str(data.dataset)
@@ -109,7 +120,14 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
         fmt = data.format
         root = Path(src)
         if fmt == "auto":
-            fmt = "tar" if root.suffix == ".tar" or (root / f"{data.train_split}.tar").exists() else "folder"
+            if root.suffix == ".tar" or (root / f"{data.train_split}.tar").exists():
+                fmt = "tar"
+            elif (root / "_info.json").is_file() or (root / "info.json").is_file():
+                fmt = "wds"
+            elif (root / "dataset_dict.json").is_file():
+                fmt = "hfds"
+            else:
+                fmt = "folder"
         if fmt == "folder":
             if src == "imagenet" and not root.exists():
                 raise FileNotFoundError("this recipe trains on ImageNet: pass --data /path/to/imagenet "
@@ -117,32 +135,44 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
             va = SafeImageFolder(find_split_dir(root, data.val_split), tf_ev)
             tr = SafeImageFolder(find_split_dir(root, data.train_split), tf_tr, classes=va.classes) if train else None
             n_cls = len(va.classes)
-        else:
+        elif fmt == "wds":
+            from .wds import WdsDataset
+            tr = WdsDataset(root, data.train_split, tf_tr, num_classes=num_classes) if train else None
+            va = WdsDataset(root, data.val_split, tf_ev,
+                            num_classes=num_classes or (tr.num_classes if tr is not None else None))
+            n_cls = num_classes or max(va.num_classes, tr.num_classes if tr is not None else 0)
+            _check_split_classes(src, va.num_classes, tr.num_classes if tr is not None else None, num_classes)
+        elif fmt == "hfds":
+            from .hf import HFImageDataset
+            tr = (HFImageDataset(src, data.train_split, tf_tr, cache_dir=data.download_dir, num_classes=num_classes)
+                  if train else None)
+            va = HFImageDataset(src, data.val_split, tf_ev, cache_dir=data.download_dir,
+                                num_classes=num_classes or (len(tr.classes) if tr is not None else None))
+            n_cls = num_classes or max(len(va.classes), len(tr.classes) if tr is not None else 0)
+            _check_split_classes(src, len(va.classes), len(tr.classes) if tr is not None else None, num_classes)
+        elif fmt == "hfids":
+            raise ValueError("data.format=hfids (streaming Hugging Face datasets) is not supported: the training "
+                             "loop samples by index (repeated augmentation, DDP sharding, exact resume). Use "
+                             "data.format=hfds, which reads the same datasets with random access")
+        else:                        # tar: timm's reader
             from timm.data import create_dataset
-            if fmt == "tar":
-                if not root.exists():
-                    raise FileNotFoundError(f"dataset path {root} does not exist")
-                name, droot = "", str(root)
-            elif fmt == "wds":       # a folder of webdataset shards (with timm's _info.json)
-                if not root.is_dir():
-                    raise FileNotFoundError(f"webdataset folder {root} does not exist")
-                name, droot = f"wds/{root.name}", str(root)
-            else:                    # hfds / hfids: a Hugging Face dataset id, cached under data.download_dir
-                name, droot = f"{fmt}/{src}", data.download_dir
-            def split_root(split: str) -> str | None:
+            if not root.exists():
+                raise FileNotFoundError(f"dataset path {root} does not exist")
+
+            def split_root(split: str) -> str:
                 # a folder holding train.tar / val.tar: open the split's own archive (timm would read them all)
-                if fmt == "tar" and root.is_dir():
+                if root.is_dir():
                     f = root / f"{split}.tar"
                     if not f.is_file():
                         raise FileNotFoundError(f"{root} has no {split}.tar; expected {split}.tar holding "
                                                 f"<class>/<image> entries")
                     return str(f)
-                return droot
+                return str(root)
             val_root = split_root(data.val_split)
             train_root = split_root(data.train_split) if train else None
             try:
-                va = create_dataset(name, root=val_root, split=data.val_split, is_training=False, transform=tf_ev)
-                tr = (create_dataset(name, root=train_root, split=data.train_split, is_training=True,
+                va = create_dataset("", root=val_root, split=data.val_split, is_training=False, transform=tf_ev)
+                tr = (create_dataset("", root=train_root, split=data.train_split, is_training=True,
                                      transform=tf_tr) if train else None)
             except Exception as e:  # noqa: BLE001 - timm readers raise many types; report them uniformly
                 raise ValueError(f"could not open {src!r} as {fmt} data: {e}") from e

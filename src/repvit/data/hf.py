@@ -1,0 +1,117 @@
+"""Hugging Face ``datasets`` image classification data (``data.format=hfds``), read with random access.
+
+``--data`` is one of:
+
+* a folder written by ``DatasetDict.save_to_disk`` (holds ``dataset_dict.json``; the splits are its keys), or a
+  folder whose ``<split>/`` subfolders were each written by ``Dataset.save_to_disk``;
+* anything ``datasets.load_dataset`` opens: a hub id (cached under ``data.download_dir``) or a local folder of
+  data files (parquet, arrow, an ``imagefolder`` tree, ...).
+
+The split needs an image column (``image``, or ``img``) and an integer label column (``label``, or
+``labels``/``fine_label``); the class names come from a ``ClassLabel`` feature when there is one. Like
+:class:`~repvit.data.folder.SafeImageFolder`, an image that cannot be decoded gives ``None`` (dropped
+from its batch and counted). ``hfids`` (streaming) is not supported: the training loop's sampler
+needs random access.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["HFImageDataset", "open_hf_split"]
+
+IMAGE_KEYS = ("image", "img")
+LABEL_KEYS = ("label", "labels", "fine_label")
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as e:
+        raise RuntimeError("data.format=hfds needs the Hugging Face datasets package: pip install datasets") from e
+    return datasets
+
+
+def open_hf_split(src: str, split: str, cache_dir: str | None = None):
+    """The ``datasets.Dataset`` of ``split``; clear errors for a missing path or split."""
+    datasets = _import_datasets()
+    root = Path(src)
+    if root.is_dir() and (root / "dataset_dict.json").is_file():      # DatasetDict.save_to_disk
+        dd = datasets.load_from_disk(str(root))
+        if split not in dd:
+            raise ValueError(f"Hugging Face dataset {root} has no split {split!r} (splits: {', '.join(dd)}); "
+                             f"set data.train_split / data.val_split to one of them")
+        return dd[split]
+    if root.is_dir() and (root / "state.json").is_file():             # a single Dataset.save_to_disk
+        raise ValueError(f"{root} holds one saved Hugging Face Dataset without splits; save a DatasetDict "
+                         f"(train/validation ...) or put each split's save_to_disk folder in {root}/<split>/")
+    if root.is_dir() and (root / split / "state.json").is_file():     # <split>/ folders of Dataset.save_to_disk
+        return datasets.load_from_disk(str(root / split))
+    if root.is_dir() and any((p / "state.json").is_file() for p in root.iterdir() if p.is_dir()):
+        have = sorted(p.name for p in root.iterdir() if (p / "state.json").is_file())
+        raise ValueError(f"Hugging Face dataset {root} has no split {split!r} (splits: {', '.join(have)}); "
+                         f"set data.train_split / data.val_split to one of them")
+    if not root.exists() and (src.startswith((".", "/", "~")) or os.sep in src and src.count("/") > 1):
+        raise FileNotFoundError(f"Hugging Face dataset path {src} does not exist")
+    try:
+        return datasets.load_dataset(src, split=split, cache_dir=cache_dir)
+    except ValueError as e:   # an unknown split is a ValueError naming the splits that exist
+        raise ValueError(f"Hugging Face dataset {src!r}: cannot load split {split!r}: {e}") from e
+    except Exception as e:    # noqa: BLE001 - offline, unknown id, unreadable files: report them uniformly
+        raise ValueError(f"could not open {src!r} as a Hugging Face dataset (data.format=hfds): {e}") from e
+
+
+def _column(ds: Any, keys: tuple[str, ...], what: str, src: str) -> str:
+    for k in keys:
+        if k in ds.column_names:
+            return k
+    raise ValueError(f"Hugging Face dataset {src!r} has no {what} column (looked for {', '.join(keys)}; "
+                     f"columns: {', '.join(ds.column_names)})")
+
+
+class HFImageDataset(Dataset):
+    """``(image, label)`` items of one split; ``None`` for an image PIL cannot decode."""
+
+    def __init__(self, src: str, split: str, transform: Callable | None = None, *, cache_dir: str | None = None,
+                 num_classes: int | None = None) -> None:
+        datasets = _import_datasets()
+        ds = open_hf_split(src, split, cache_dir)
+        self.image_key = _column(ds, IMAGE_KEYS, "image", src)
+        self.label_key = _column(ds, LABEL_KEYS, "label", src)
+        feat = ds.features[self.label_key]
+        # decode ourselves (skip unreadable images instead of raising inside datasets)
+        self.ds = ds.cast_column(self.image_key, datasets.Image(decode=False))
+        self.targets = [int(t) for t in self.ds[self.label_key]]
+        if len(self.targets) == 0:
+            raise ValueError(f"split {split!r} of Hugging Face dataset {src!r} is empty")
+        if isinstance(feat, datasets.ClassLabel):
+            self.classes = list(feat.names)
+        else:
+            self.classes = [str(i) for i in range(num_classes or max(self.targets) + 1)]
+        bad = [t for t in self.targets if not 0 <= t < len(self.classes)]
+        if bad:
+            raise ValueError(f"split {split!r} of Hugging Face dataset {src!r} has labels outside "
+                             f"0..{len(self.classes) - 1} (e.g. {bad[0]}; -1 marks unlabelled test splits)")
+        self.src, self.split, self.transform = src, split, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        item = self.ds[i][self.image_key]
+        try:
+            if item.get("bytes"):
+                im = Image.open(io.BytesIO(item["bytes"]))
+            else:
+                im = Image.open(item["path"])
+            with im:
+                img = im.convert("RGB")
+        except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
+            return None
+        return (self.transform(img) if self.transform else img), self.targets[i]

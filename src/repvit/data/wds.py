@@ -1,0 +1,188 @@
+"""Webdataset shards read with random access (``data.format=wds``), so they train like any other dataset.
+
+timm's webdataset reader streams: it is an iterable dataset with no ``__getitem__``, which our
+global-batch sampler (repeated augmentation, DDP sharding, gradient accumulation, exact resume) cannot
+drive. Uncompressed tar shards do allow random access, so :class:`WdsDataset` indexes the shards once
+(member headers only, plus the tiny ``.cls`` label members) and then reads each image by offset.
+
+Layout (the one timm reads; `timm/imagenet-1k-wds` on the Hugging Face hub is an example)::
+
+    ROOT/_info.json            {"splits": {"train": {"name": "train", "num_samples": N,
+                                 "filenames": ["x-train-0000.tar", ...], "shard_lengths": [n0, ...]},
+                                 "validation": {...}}, "num_classes": C (optional)}
+    ROOT/x-train-0000.tar      members KEY.jpg (or .jpeg/.png/.webp) + KEY.cls (the class index as text)
+                               [+ KEY.json with a "label" field instead of .cls]
+
+Without ``_info.json`` the shards of a split are found by name: ``*{split}-*.tar`` / ``{split}/*.tar``.
+No ``webdataset`` package is needed. Like :class:`~repvit.data.folder.SafeImageFolder`, an image that
+cannot be decoded gives ``None`` (dropped from its batch and counted).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["WdsDataset", "load_wds_info", "wds_split_shards"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+INFO_NAMES = ("_info.json", "info.json")
+
+
+def load_wds_info(root: Path) -> dict:
+    """``ROOT/_info.json`` (or ``info.json``) as a dict; ``{}`` when there is none; an error when it is unreadable."""
+    for n in INFO_NAMES:
+        p = root / n
+        if p.is_file():
+            try:
+                info = json.loads(p.read_text())
+            except ValueError as e:
+                raise ValueError(f"{p} is not valid JSON ({e})") from e
+            if not isinstance(info, dict):
+                raise ValueError(f"{p} must hold a JSON object with a 'splits' entry")
+            return info
+    return {}
+
+
+def wds_split_shards(root: Path, split: str, info: dict) -> tuple[list[Path], int | None]:
+    """The shard files of ``split`` and their declared sample count (None when not declared)."""
+    if info:
+        splits = info.get("splits") or {}
+        if split not in splits:
+            raise ValueError(f"webdataset {root}: split {split!r} is not in {root / INFO_NAMES[0]} "
+                             f"(splits: {', '.join(sorted(splits)) or 'none'}); set data.train_split / "
+                             f"data.val_split to one of them")
+        s = splits[split]
+        names = s.get("filenames") or []
+        if not names:
+            raise ValueError(f"webdataset {root}: split {split!r} lists no shard 'filenames' in its info file")
+        shards = [root / n for n in names]
+        declared = s.get("num_samples")
+        if declared is None and s.get("shard_lengths"):
+            declared = sum(s["shard_lengths"])
+    else:
+        shards = sorted(set(root.glob(f"*{split}-*.tar")) | set(root.glob(f"{split}/*.tar")))
+        if not shards:
+            tars = sorted(p.name for p in root.glob("*.tar"))[:5]
+            raise FileNotFoundError(
+                f"webdataset {root}: no {INFO_NAMES[0]} and no shards named *{split}-*.tar or {split}/*.tar "
+                f"(found: {', '.join(tars) or 'no .tar files'}); add an {INFO_NAMES[0]} listing each split's "
+                f"'filenames' (timm's layout) or name the shards <prefix>-{split}-NNNN.tar")
+        declared = None
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"webdataset {root}: {len(missing)} shard(s) of split {split!r} are missing: "
+                                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    return shards, (int(declared) if declared is not None else None)
+
+
+def _key_ext(name: str) -> tuple[str, str]:
+    """webdataset's member grouping: key = path up to the first '.' of the basename, ext = the rest (lower case)."""
+    d, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (os.path.join(d, stem) if d else stem), ext.lower() if dot else ""
+
+
+def _label_of(tf: tarfile.TarFile, members: dict[str, tarfile.TarInfo], where: str) -> int:
+    if "cls" in members:
+        raw = tf.extractfile(members["cls"]).read()   # type: ignore[union-attr]
+        try:
+            return int(raw.decode().strip())
+        except ValueError as e:
+            raise ValueError(f"{where}: .cls holds {raw[:20]!r}, not a class index") from e
+    if "json" in members:
+        meta = json.loads(tf.extractfile(members["json"]).read())   # type: ignore[union-attr]
+        for k in ("label", "cls", "target"):
+            if isinstance(meta, dict) and isinstance(meta.get(k), int):
+                return meta[k]
+    raise ValueError(f"{where}: no label (a .cls member, or a .json member with an integer 'label')")
+
+
+class WdsDataset(Dataset):
+    """Map-style view of the webdataset shards of one split: ``(image, class index)`` or ``None`` if undecodable."""
+
+    def __init__(self, root: str | os.PathLike, split: str, transform: Callable | None = None,
+                 num_classes: int | None = None) -> None:
+        self.root, self.split, self.transform = Path(root), split, transform
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"webdataset folder {self.root} does not exist (data.format=wds expects a "
+                                    f"folder of .tar shards with timm's {INFO_NAMES[0]})")
+        info = load_wds_info(self.root)
+        self.shards, declared = wds_split_shards(self.root, split, info)
+        self.samples: list[tuple[int, int, int]] = []    # (shard, data offset, size)
+        self.targets: list[int] = []
+        for si, shard in enumerate(self.shards):
+            self._index(si, shard)
+        if not self.samples:
+            raise ValueError(f"webdataset {self.root}: split {split!r} has no samples with an image "
+                             f"({'/'.join(IMAGE_EXTS)}) in {len(self.shards)} shard(s)")
+        if declared is not None and declared != len(self.samples):
+            raise ValueError(f"webdataset {self.root}: split {split!r} declares {declared} samples in its info file "
+                             f"but its shards hold {len(self.samples)}; fix num_samples/shard_lengths or the shards")
+        n_cls = num_classes or info.get("num_classes") or (len(info["classes"]) if info.get("classes") else None)
+        self.num_classes = int(n_cls) if n_cls else max(self.targets) + 1
+        bad = [t for t in self.targets if not 0 <= t < self.num_classes]
+        if bad:
+            raise ValueError(f"webdataset {self.root}: split {split!r} has labels outside 0..{self.num_classes - 1} "
+                             f"(e.g. {bad[0]}); check num_classes in the info file or model.num_classes")
+        self.classes = [str(c) for c in info["classes"]] if info.get("classes") else \
+            [str(i) for i in range(self.num_classes)]
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def _index(self, si: int, shard: Path) -> None:
+        try:
+            tf = tarfile.open(shard, mode="r:")     # uncompressed only: random access needs plain offsets
+        except tarfile.ReadError as e:
+            raise ValueError(f"webdataset shard {shard} is not an uncompressed tar file ({e})") from e
+        with tf:
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            order: list[str] = []
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _key_ext(m.name)
+                if key not in groups:
+                    groups[key] = {}
+                    order.append(key)
+                groups[key][ext] = m
+            for key in order:
+                members = groups[key]
+                img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+                if img is None:
+                    continue
+                self.targets.append(_label_of(tf, members, f"{shard.name}:{key}"))
+                self.samples.append((si, img.offset_data, img.size))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, si: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():          # a DataLoader worker: do not share the parent's file handles
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(si)
+        if f is None:
+            f = self._files[si] = open(self.shards[si], "rb")
+        f.seek(offset)                        # type: ignore[attr-defined]
+        return f.read(size)                   # type: ignore[attr-defined]
+
+    def __getitem__(self, i: int):
+        si, offset, size = self.samples[i]
+        try:
+            with Image.open(io.BytesIO(self._read(si, offset, size))) as im:
+                img = im.convert("RGB")
+        except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
+            return None
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+    def __getstate__(self) -> dict:           # picklable for spawn-started workers: no open files
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state

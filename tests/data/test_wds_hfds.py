@@ -1,0 +1,218 @@
+"""data.format=wds (webdataset shards + timm's _info.json) and hfds (Hugging Face datasets), built in tmp_path.
+
+Reading webdataset shards needs no extra package (our reader indexes the tar files); the cross-check against
+timm's own streaming reader needs ``webdataset``, and the Hugging Face tests need ``datasets``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from repvit.data import build_data
+from repvit.train.config import AugConfig, DataConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+
+CLASSES = ("ant", "bee", "cat")
+AUG = AugConfig(auto_augment=None)
+
+
+def _png(rng: np.random.RandomState, size: int = 20) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(t: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    t.addfile(info, io.BytesIO(data))
+
+
+def _labels(n: int, offset: int = 0) -> list[int]:
+    return [(i + offset) % len(CLASSES) for i in range(n)]
+
+
+def make_wds(root: Path, *, shards=(("train", 9), ("train", 6), ("validation", 6)), info=True,
+             corrupt: set[str] = frozenset()) -> dict[str, list[int]]:
+    """timm's webdataset layout: ROOT/_info.json + ROOT/tiny-<split>-NNNN.tar with KEY.png + KEY.cls members."""
+    rng = np.random.RandomState(0)
+    root.mkdir(parents=True)
+    splits: dict[str, dict] = {}
+    labels: dict[str, list[int]] = {}
+    for split, n in shards:
+        s = splits.setdefault(split, {"name": split, "filenames": [], "shard_lengths": [], "num_samples": 0})
+        fname = f"tiny-{split}-{len(s['filenames']):04d}.tar"
+        ys = _labels(n, offset=len(labels.get(split, [])))
+        with tarfile.open(root / fname, "w") as t:
+            for i, y in enumerate(ys):
+                key = f"{split}_{len(s['filenames'])}_{i:05d}"
+                _add(t, f"{key}.png", b"garbage, not a png" if key in corrupt else _png(rng))
+                _add(t, f"{key}.cls", str(y).encode())
+                _add(t, f"{key}.json", json.dumps({"filename": f"{key}.png"}).encode())
+        s["filenames"].append(fname)
+        s["shard_lengths"].append(n)
+        s["num_samples"] += n
+        labels.setdefault(split, []).extend(ys)
+    if info:
+        (root / "_info.json").write_text(json.dumps({"name": "tiny", "splits": splits}))
+    return labels
+
+
+def _wds_cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(dataset=str(root), format=kw.pop("format", "wds"), img_size=16, val_split="validation", **kw)
+
+
+def test_wds_shards_with_timm_info(tmp_path):
+    root = tmp_path / "wds"
+    labels = make_wds(root)
+    for fmt in ("wds", "auto"):                      # auto: an _info.json means webdataset
+        b = build_data(_wds_cfg(root, format=fmt), AUG)
+        assert b.num_classes == 3 and len(b.train) == 15 and len(b.val) == 6
+        assert b.train.targets == labels["train"] and b.val.targets == labels["validation"]
+        assert [b.val[i][1] for i in range(6)] == labels["validation"]
+        x, y = b.train[10]
+        assert x.shape == (3, 16, 16) and y == labels["train"][10]
+    # the subset option works on it (random access)
+    b = build_data(_wds_cfg(root, max_train_samples=5), AUG)
+    assert len(b.train) == 5
+
+
+def test_wds_reads_what_timm_reads(tmp_path):
+    pytest.importorskip("webdataset")
+    from timm.data.readers.reader_wds import ReaderWds
+
+    from repvit.data.wds import WdsDataset
+    root = tmp_path / "wds"
+    make_wds(root)
+    for split in ("train", "validation"):
+        ours = WdsDataset(root, split)
+        theirs = list(ReaderWds(str(root), split=split, is_training=False))
+        assert len(theirs) == len(ours)
+        for i, (img, target) in enumerate(theirs):
+            mine, label = ours[i]
+            assert label == target and np.array_equal(np.asarray(mine), np.asarray(img))
+
+
+def test_wds_bad_input_errors(tmp_path):
+    root = tmp_path / "wds"
+    make_wds(root)
+    with pytest.raises(ValueError, match="split 'val' is not in .*splits: train, validation"):
+        build_data(DataConfig(dataset=str(root), format="wds"), AUG)           # default val_split 'val'
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_data(_wds_cfg(tmp_path / "nope"), AUG)
+    (root / "tiny-train-0001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="1 shard.* of split 'train' are missing: .*tiny-train-0001.tar"):
+        build_data(_wds_cfg(root), AUG)
+    info = json.loads((root / "_info.json").read_text())
+    info["splits"]["train"] = {**info["splits"]["train"], "filenames": ["tiny-train-0000.tar"],
+                               "shard_lengths": [9], "num_samples": 10}
+    (root / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="declares 10 samples .* shards hold 9"):
+        build_data(_wds_cfg(root), AUG)
+    (root / "_info.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        build_data(_wds_cfg(root), AUG)
+    bare = tmp_path / "bare"
+    make_wds(bare, info=False)
+    (bare / "tiny-validation-0000.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="no _info.json and no shards named \\*validation-\\*.tar"):
+        build_data(_wds_cfg(bare), AUG)
+
+
+def test_wds_without_info_and_a_corrupt_image(tmp_path):
+    root = tmp_path / "wds"
+    labels = make_wds(root, info=False, corrupt={"train_0_00003"})
+    b = build_data(_wds_cfg(root), AUG)              # shards found by name: *-train-*.tar, *-validation-*.tar
+    assert b.num_classes == 3 and len(b.train) == 15 and b.train.targets == labels["train"]
+    assert b.train[3] is None and b.train[4] is not None      # unreadable: dropped by the collate and counted
+
+
+def test_wds_one_epoch_cli_run(tmp_path):
+    from trainhelpers import TINY, as_overrides, run_cli
+    root = tmp_path / "wds"
+    make_wds(root, shards=(("train", 24), ("train", 8), ("validation", 6)), corrupt={"train_1_00002"})
+    out = tmp_path / "run"
+    run_cli("train", "--recipe", "digits", "--data", str(root), "--out", str(out), "--epochs", "1",
+            *as_overrides(TINY + ["data.format=wds", "data.val_split=validation", "run.global_batch=16",
+                                  "run.batch_size=16", "data.max_val_samples=null"]))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == 2 and rows[0]["skipped_images"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["deploy_top1"] is not None
+    from repvit.train import evaluate_checkpoint
+    ev = evaluate_checkpoint(str(out / "best.safetensors"), str(root), split="validation", data_format="wds",
+                             num_workers=0)
+    assert ev["n"] == 6
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+def _hf_split(datasets, n: int, offset: int = 0, corrupt: int | None = None):
+    rng = np.random.RandomState(offset)
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))})
+    images = [{"bytes": b"garbage" if i == corrupt else _png(rng), "path": None} for i in range(n)]
+    return datasets.Dataset.from_dict({"image": images, "label": _labels(n, offset)}, features=feats)
+
+
+def test_hfds_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path / "hf"
+    datasets.DatasetDict({"train": _hf_split(datasets, 12, corrupt=5),
+                          "validation": _hf_split(datasets, 6, offset=1)}).save_to_disk(str(root))
+    for fmt in ("hfds", "auto"):                     # auto: dataset_dict.json means a saved DatasetDict
+        b = build_data(_wds_cfg(root, format=fmt), AUG)
+        assert b.num_classes == 3 and len(b.train) == 12 and len(b.val) == 6
+        assert b.train.classes == list(CLASSES)
+        assert b.train.targets == _labels(12) and [b.val[i][1] for i in range(6)] == _labels(6, 1)
+        assert b.train[0][0].shape == (3, 16, 16)
+        assert b.train[5] is None                    # unreadable image: skipped and counted, not a crash
+    with pytest.raises(ValueError, match="no split 'val' .*splits: train, validation"):
+        build_data(DataConfig(dataset=str(root), format="hfds"), AUG)
+    with pytest.raises(ValueError, match="hfids .* not supported"):
+        build_data(_wds_cfg(root, format="hfids"), AUG)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_data(_wds_cfg(tmp_path / "missing", format="hfds"), AUG)
+
+
+def test_hfds_split_folders_and_parquet_files(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    per_split = tmp_path / "per_split"                # <split>/ folders, each a Dataset.save_to_disk
+    _hf_split(datasets, 9).save_to_disk(str(per_split / "train"))
+    _hf_split(datasets, 3, offset=2).save_to_disk(str(per_split / "val"))
+    b = build_data(DataConfig(dataset=str(per_split), format="hfds", img_size=16), AUG)
+    assert b.num_classes == 3 and len(b.train) == 9 and b.val.targets == _labels(3, 2)
+    pq = tmp_path / "pq"                              # data files load_dataset opens (no hub access)
+    pq.mkdir()
+    _hf_split(datasets, 9).to_parquet(str(pq / "train-00000-of-00001.parquet"))
+    _hf_split(datasets, 3, offset=2).to_parquet(str(pq / "validation-00000-of-00001.parquet"))
+    b = build_data(_wds_cfg(pq, format="hfds", download_dir=str(tmp_path / "cache")), AUG)
+    assert b.num_classes == 3 and len(b.train) == 9 and b.val.targets == _labels(3, 2)
+    assert b.train.classes == list(CLASSES)
+    with pytest.raises(ValueError, match="cannot load split 'val'"):
+        build_data(DataConfig(dataset=str(pq), format="hfds", download_dir=str(tmp_path / "cache")), AUG)
+
+
+def test_hfds_one_epoch_run(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from repvit.train import train
+    from trainhelpers import tiny_config
+    root = tmp_path / "hf"
+    datasets.DatasetDict({"train": _hf_split(datasets, 32, corrupt=7),
+                          "validation": _hf_split(datasets, 6, offset=1)}).save_to_disk(str(root))
+    res = train(tiny_config(f"data.dataset={root}", "data.format=hfds", "data.val_split=validation",
+                            "schedule.epochs=1", "run.global_batch=16", "run.batch_size=16",
+                            "data.max_val_samples=null"), tmp_path / "run")
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["step"] == 2 and row["skipped_images"] == 1     # every image is drawn once
+    assert res.deploy_top1 is not None and res.summary["deploy_params"] > 0
