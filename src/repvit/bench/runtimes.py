@@ -9,8 +9,8 @@ onnxruntime          ONNX Runtime CPU fp32, all graph optimisations
 onnxruntime_int8     ONNX Runtime static INT8 (QDQ, per-channel; calibrated on random data:
                      a speed measurement only, accuracy is not checked here)
 openvino             OpenVINO CPU fp32 (if installed)
-openvino_int8        OpenVINO CPU INT8 via NNCF post-training quantization (RepViT: depthwise kept float,
-                     32 digits calibration images; other models: random calibration; speed only)
+openvino_int8        OpenVINO CPU INT8 via NNCF post-training quantization (RepViT: 32 digits calibration
+                     images; other models: random calibration; speed only)
 openvino_bf16        OpenVINO CPU bf16 (only where the CPU has native bf16)
 """
 
@@ -209,7 +209,7 @@ def _openvino_int8(model: nn.Module, onnx_path: Path, out: Path, example: torch.
             from ..export.openvino_int8 import quantize_openvino
             quantize_openvino(model, out, calib="digits", num_calib=32, input_size=tuple(example.shape[-2:]),
                               sidecar=False)
-            facts["note"] = "NNCF INT8 (depthwise float), 32 digits calibration images; speed only"
+            facts["note"] = "NNCF INT8, 32 digits calibration images; speed only"
         else:
             from ..export.openvino_int8 import nncf_quantize
             rng = np.random.default_rng(0)

@@ -64,8 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--per-tensor", action="store_true",
                    help="onnxruntime: per-tensor weight scales (default: per-channel)")
     q.add_argument("--keep-float", nargs="+", choices=("none", "stem", "depthwise", "se", "head"),
-                   help="layer groups left in float (remedies for sensitive layers); default: none for onnxruntime, "
-                        "depthwise for openvino (its INT8 depthwise path wrecks re-parameterised kernels)")
+                   help="layer groups left in float (remedies for sensitive layers; default none)")
     q.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="onnxruntime: activation calibration method")
     q.add_argument("--opset", type=int, default=20,
@@ -156,7 +155,7 @@ def _quantize(args: argparse.Namespace) -> int:
         raise ValueError("an .xml output is OpenVINO IR; use --backend openvino or an .onnx path")
     check_writable(out)
     if args.keep_float is None:
-        keep_float = ["depthwise"] if backend == "openvino" else []
+        keep_float = []
     elif "none" in args.keep_float:
         if len(args.keep_float) > 1:
             raise ValueError("--keep-float none cannot be combined with other groups")

@@ -31,11 +31,12 @@ __all__ = ["quantize_openvino", "nncf_quantize", "openvino_session", "evaluate_o
            "PRESETS", "DEFAULT_KEEP_FLOAT"]
 
 PRESETS = ("performance", "mixed")
-# Measured (tests/export/test_openvino_int8.py, docs/export.md): with the depthwise convolutions in INT8,
-# NNCF + OpenVINO 2026.4 wreck re-parameterised RepViTs (logit cosine to fp32 0.67 on RepViT-M0.9 with
-# random BN statistics, 0.26 on the digits probe); in float they are 0.9995 / 0.82 and most of the speed
-# stays (the 1x1 convolutions hold ~90% of the MACs). So depthwise stays float unless asked otherwise.
-DEFAULT_KEEP_FLOAT = ("depthwise",)
+# Everything NNCF would quantize, depthwise convolutions included, by default: on the static batch-1 IR
+# written here the INT8 model tracks fp32 closely (logit cosine 0.9997 on RepViT-M0.9 with random BN
+# statistics). Why static: OpenVINO 2026.4's CPU plugin returns wrong INT8 results for a *dynamic*-batch
+# IR run at batch 1 (cosine 0.67 on the same model; batch >= 2 and static batch 1 are right), which
+# looked like the classic "re-parameterised depthwise kernels break INT8" problem but is not.
+DEFAULT_KEEP_FLOAT: tuple[str, ...] = ()
 
 
 def _ignored_scope(ov_model: Any, groups: Sequence[str]) -> Any:
@@ -100,20 +101,29 @@ def nncf_quantize(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, cali
     return out_xml
 
 
-def openvino_session(path: str | os.PathLike, *, threads: int | None = None, latency: bool = True) -> Any:
-    """Compile an ONNX or IR model for the CPU; returns the compiled model."""
+def openvino_session(path: str | os.PathLike, *, threads: int | None = None, latency: bool = True,
+                     batch: int | None = None) -> Any:
+    """Compile an ONNX or IR model for the CPU; returns the compiled model.
+
+    ``batch``: reshape the input to a static batch first (our INT8 IRs are batch 1; static shapes are
+    also what OpenVINO runs fastest and, for INT8, correctly - see ``DEFAULT_KEEP_FLOAT``).
+    """
     ov = require("openvino", "running an OpenVINO model")
     cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT"}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
     core = ov.Core()
-    return core.compile_model(core.read_model(str(path)), "CPU", cfg)
+    model = core.read_model(str(path))
+    if batch is not None:
+        shape = model.input(0).get_partial_shape()
+        model.reshape([int(batch), *[d.get_length() for d in list(shape)[1:]]])
+    return core.compile_model(model, "CPU", cfg)
 
 
 def evaluate_openvino(path: str | os.PathLike, inputs: np.ndarray, labels: np.ndarray | None, *,
                       threads: int | None = None) -> dict[str, Any]:
     """Top-1 (if labels) and predictions of an OpenVINO classifier, one image per request."""
-    compiled = openvino_session(path, threads=threads)
+    compiled = openvino_session(path, threads=threads, batch=1)
     req = compiled.create_infer_request()
     logits = np.concatenate([np.asarray(req.infer({0: inputs[i:i + 1]})[0]) for i in range(len(inputs))])
     pred = logits.argmax(1)
@@ -143,11 +153,12 @@ def quantize_openvino(
     """Post-training static INT8 quantization of the fused ``model`` to OpenVINO IR at ``path`` (``.xml``).
 
     ``calib``: folder of images or ``fashion-mnist``/``digits`` (train split; ``num_calib`` images).
-    ``keep_float``: groups left in float (``stem``, ``depthwise``, ``se``, ``head``); default ``depthwise``
-    (see ``DEFAULT_KEEP_FLOAT``), ``()`` quantizes everything NNCF would.
+    ``keep_float``: groups left in float (``stem``, ``depthwise``, ``se``, ``head``); default none.
     ``preset``: ``performance`` (symmetric activations, fastest) or ``mixed`` (asymmetric activations).
     ``eval_data``: optional held-out set; fp32 (OpenVINO, same runtime) and INT8 top-1 and their
     agreement go into the returned dict and the sidecar.
+    The IR has a static batch of 1 (see ``DEFAULT_KEEP_FLOAT`` for why); for batched serving reshape it
+    statically (``model.reshape([N, C, H, W])``) before compiling.
     """
     ov = require("openvino", "OpenVINO INT8 quantization")
     nncf = require("nncf", "OpenVINO INT8 quantization")
@@ -162,7 +173,7 @@ def quantize_openvino(
     calib_in = prepare_inputs(raw, pre, bake_preprocessing)
     with tempfile.TemporaryDirectory(prefix="repvit-ov-int8-") as td:
         fp32 = Path(td) / "fp32.onnx"
-        export_onnx(fused, fp32, input_size=input_size, dynamic_batch=True, opset=20,
+        export_onnx(fused, fp32, input_size=input_size, dynamic_batch=False, opset=20,
                     bake_preprocessing=bake_preprocessing, sidecar=False)
         nncf_quantize(fp32, out, calib_in, preset=preset, keep_float=keep_float)
         result: dict[str, Any] = {"int8_primitives": precision_summary(openvino_session(out, threads=threads))}
@@ -186,7 +197,7 @@ def quantize_openvino(
             "calibration": {"source": str(calib), "split": "train", "images": int(len(calib_in))},
             "kept_float": list(keep_float),
         },
-        "dynamic_batch": True, "input_layout": "NCHW", "preprocessing_baked": bool(bake_preprocessing),
+        "dynamic_batch": False, "batch": 1, "input_layout": "NCHW", "preprocessing_baked": bool(bake_preprocessing),
         "input_dtype": "uint8" if bake_preprocessing == "uint8" else "float32",
         "weights_file": out.with_suffix(".bin").name, "weights_sha256": sha256_of(out.with_suffix(".bin")),
         **result,
