@@ -16,7 +16,11 @@ strides, while a larger upsampled input (e.g. 56 or 64) costs 3-4x the compute f
 which on a 2-core CPU budget buys fewer epochs.
 
     python benchmarks/fashion_mnist.py --quick                       # ~10-15 min, subset
-    nice -n 19 python benchmarks/fashion_mnist.py --budget-minutes 60 # full data, epochs fitted to the budget
+    python benchmarks/fashion_mnist.py --budget-minutes 60 --parts main --parallel   # full data, epochs fitted
+    python benchmarks/fashion_mnist.py --parts reparam,distill --abl-epochs 1 --parallel  # full-data ablations
+
+--parallel runs the arms of a comparison as separate single-thread processes (one per core) that draw
+bit-identical batches (checked: every result row carries a digest of the batches it saw).
 """
 
 from __future__ import annotations
@@ -211,9 +215,12 @@ def run_parallel(args, part: str, arms: list[str], epochs: float, root: Path, lo
     procs = []
     for arm in arms:
         sub = root / part / arm
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--parts", part, f"--{part}-models", arm,
-               "--epochs", repr(epochs), "--budget-minutes", str(args.budget_minutes), "--res", str(args.res),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--parts", part, "--arms", arm,
+               "--epochs" if part == "main" else "--abl-epochs", repr(epochs),
+               "--budget-minutes", str(args.budget_minutes), "--res", str(args.res),
                "--batch", str(args.batch), "--threads", "1", "--out-dir", str(sub), "--tag", arm]
+        if part == "distill" and args.teacher_ckpt:
+            cmd += ["--teacher-ckpt", args.teacher_ckpt, "--teacher", args.teacher]
         if args.quick:
             cmd.append("--quick")
         procs.append((arm, sub, subprocess.Popen(cmd)))
@@ -306,6 +313,12 @@ def main() -> int:
     ap.add_argument("--parallel", action="store_true",
                     help="train each model of a comparison in its own 1-thread process (one per core), same batches")
     ap.add_argument("--tag", default="", help="prefix for log lines (set for the per-arm processes of --parallel)")
+    ap.add_argument("--arms", help="run only these arms of the selected part (used by --parallel's per-arm processes)")
+    ap.add_argument("--abl-epochs", type=float, help="epochs of each ablation arm (default: --epochs, else 1)")
+    ap.add_argument("--teacher", default="repvit_m1_5", help="teacher of the distillation ablation (trained first)")
+    ap.add_argument("--teacher-threads", type=int, default=os.cpu_count() or 1,
+                    help="threads for training the teacher (default: all CPUs; nothing else runs meanwhile)")
+    ap.add_argument("--teacher-ckpt", help="use this trained teacher instead of training one")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -361,7 +374,7 @@ def main() -> int:
         save()
 
     if "main" in parts:
-        names = args.main_models.split(",")
+        names = (args.arms or args.main_models).split(",")
         ep = budget_epochs(1.0, 1.0)
         total = max(1, int(ep * steps_per_epoch))
         log(f"part main: {' vs '.join(names)}, {ep:.2f} epochs = {total} updates each"
@@ -381,31 +394,60 @@ def main() -> int:
         log(f"main: {json.dumps(results['main'])}")
         save()
 
-    abl_epochs = args.epochs or (0.5 if args.quick else 1.0)
+    abl_epochs = args.abl_epochs or args.epochs or (0.5 if args.quick else 1.0)
     abl_total = max(1, int(abl_epochs * steps_per_epoch))
     far = time.time() + 10 * 24 * 3600
+    arms = args.arms.split(",") if args.arms else None
+
+    def student(arm: str) -> Trainer:
+        """One arm of an ablation: re-param branches on/off, or M0.9 with/without hard KD."""
+        if arm == "reparam_off":
+            return Trainer(arm, strip_reparam_branches(build_model("repvit_m0_9", num_classes=10, in_chans=1)),
+                           cfg, abl_total)
+        if arm == "m0_9_hard_kd":
+            if not args.teacher_ckpt:
+                raise ValueError("arm m0_9_hard_kd needs --teacher-ckpt")
+            import repvit
+            teacher = FrozenTeacher(repvit.create_model(args.teacher, checkpoint=args.teacher_ckpt))
+            return Trainer(arm, build_model("repvit_m0_9", num_classes=10, in_chans=1, distillation=True), cfg,
+                           abl_total, teacher=teacher)
+        if arm in ("reparam_on", "m0_9_no_kd"):
+            return Trainer(arm, build_model("repvit_m0_9", num_classes=10, in_chans=1), cfg, abl_total)
+        raise ValueError(f"unknown ablation arm {arm!r}")
+
+    def ablation(part: str, default_arms: list[str]) -> list[dict]:
+        todo = arms or default_arms
+        if args.parallel and len(todo) > 1:
+            subs = run_parallel(args, part, todo, abl_epochs, out_dir / "_parallel", log)
+            return [row for sub in subs
+                    for row in (sub[part]["students"] if part == "distill" else sub[part])]
+        tr = [student(a) for a in todo]
+        side_by_side(tr, bundle, cfg, abl_epochs, far, log)
+        return [t.result(bundle.val, 256) for t in tr]
+
     if "reparam" in parts:
         log(f"part reparam: M0.9 with vs without re-param branches, {abl_total} updates each")
-        on = build_model("repvit_m0_9", num_classes=10, in_chans=1)
-        off = strip_reparam_branches(build_model("repvit_m0_9", num_classes=10, in_chans=1))
-        tr = [Trainer("reparam_on", on, cfg, abl_total), Trainer("reparam_off", off, cfg, abl_total)]
-        side_by_side(tr, bundle, cfg, abl_epochs, far, log)
-        results["reparam"] = [t.result(bundle.val, 256) for t in tr]
+        results["reparam"] = ablation("reparam", ["reparam_on", "reparam_off"])
         save()
 
     if "distill" in parts:
-        log(f"part distill: teacher RepViT-M1.5 trained first ({abl_total} updates), then M0.9 +/- hard KD")
-        teacher_t = Trainer("teacher_repvit_m1_5", build_model("repvit_m1_5", num_classes=10, in_chans=1), cfg,
-                            abl_total)
-        side_by_side([teacher_t], bundle, cfg, abl_epochs, far, log)
-        t_res = teacher_t.result(bundle.val, 256)
-        teacher_model = teacher_t.ema.module if t_res["weights"] == "ema" else teacher_t.model
-        teacher = FrozenTeacher(copy.deepcopy(teacher_model))
-        tr = [Trainer("m0_9_hard_kd", build_model("repvit_m0_9", num_classes=10, in_chans=1, distillation=True), cfg,
-                      abl_total, teacher=teacher),
-              Trainer("m0_9_no_kd", build_model("repvit_m0_9", num_classes=10, in_chans=1), cfg, abl_total)]
-        side_by_side(tr, bundle, cfg, abl_epochs, far, log)
-        results["distill"] = {"teacher": t_res, "students": [t.result(bundle.val, 256) for t in tr]}
+        if args.teacher_ckpt:   # a per-arm process of --parallel: the parent trained the teacher
+            results["distill"] = {"students": ablation("distill", ["m0_9_hard_kd", "m0_9_no_kd"])}
+        else:
+            import repvit
+            name = args.teacher
+            log(f"part distill: teacher {name} trained first ({abl_total} updates, {args.teacher_threads} "
+                f"thread(s)), then M0.9 +/- hard KD")
+            torch.set_num_threads(args.teacher_threads)
+            teacher_t = Trainer(f"teacher_{name}", build_model(name, num_classes=10, in_chans=1), cfg, abl_total)
+            side_by_side([teacher_t], bundle, cfg, abl_epochs, far, log)
+            torch.set_num_threads(args.threads)
+            t_res = teacher_t.result(bundle.val, 256)
+            teacher_model = teacher_t.ema.module if t_res["weights"] == "ema" else teacher_t.model
+            args.teacher_ckpt = str(out_dir / "_parallel" / "distill" / "teacher.safetensors")
+            Path(args.teacher_ckpt).parent.mkdir(parents=True, exist_ok=True)
+            repvit.save_checkpoint(copy.deepcopy(teacher_model), args.teacher_ckpt)
+            results["distill"] = {"teacher": t_res, "students": ablation("distill", ["m0_9_hard_kd", "m0_9_no_kd"])}
         save()
 
     results["wall_minutes"] = round((time.time() - t_start) / 60, 1)
@@ -442,8 +484,9 @@ def render_md(r: dict) -> str:
         out.append("**Ablation: re-param branches**")
         table(r["reparam"])
     if "distill" in r:
-        out.append("**Ablation: hard distillation from a RepViT-M1.5 teacher trained first**")
-        table([r["distill"]["teacher"], *r["distill"]["students"]])
+        teacher = r["distill"].get("teacher", {}).get("model", "a larger teacher")
+        out.append(f"**Ablation: hard distillation from {teacher} trained first**")
+        table([*([r["distill"]["teacher"]] if "teacher" in r["distill"] else []), *r["distill"]["students"]])
     if "speed" in r:
         sp = r["speed"]
         out.append("**Training throughput (median of interleaved rounds)**")
