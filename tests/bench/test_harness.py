@@ -85,6 +85,8 @@ def test_ratios_and_targets_from_rows():
     assert t["best_fp32_latency_ms"]["runtime"] == "onnxruntime" and t["best_fp32_latency_ms"]["met"] is True
     assert t["best_fp32_peak_fraction"]["value"] == pytest.approx(0.5) and t["best_fp32_peak_fraction"]["met"] is False
     assert t["int8_speedup_vs_best_fp32"]["value"] == pytest.approx(2.0) and "bf16_speedup_vs_best_fp32" not in t
+    assert t["best_latency_ms"]["runtime"] == "onnxruntime_int8" and t["best_latency_ms"]["dtype"] == "int8"
+    assert t["best_latency_ms"]["value"] == pytest.approx(2.0)
 
 
 def test_unknown_model_and_runtime_are_clean_cli_errors(capsys):

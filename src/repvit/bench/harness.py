@@ -143,6 +143,12 @@ def _targets(rows: list[dict], ratios: list[dict], model: str = "repvit_m0_9") -
         t["best_fp32_latency_ms"] = {"value": best["latency_ms"]["median"], "runtime": best["runtime"],
                                      "target": f"<= {TARGET_M09_MS}",
                                      "met": best["latency_ms"]["median"] <= TARGET_M09_MS}
+        # the 5 ms aim allows any precision the hardware offers (its accuracy cost is measured elsewhere:
+        # repvit quantize --eval, benchmarks/int8_accuracy.py)
+        fastest = min(ok, key=lambda r: r["latency_ms"]["median"])
+        t["best_latency_ms"] = {"value": fastest["latency_ms"]["median"], "runtime": fastest["runtime"],
+                                "dtype": fastest.get("dtype", "fp32"), "target": f"<= {TARGET_M09_MS}",
+                                "met": fastest["latency_ms"]["median"] <= TARGET_M09_MS}
         for dt in ("bf16", "int8"):
             low = [r for r in ok if r.get("dtype") == dt]
             if low:
