@@ -161,6 +161,27 @@ def test_int8_runtime_prepares_and_runs(tmp_path: Path):
     assert "QuantizeLinear" in ops or "QLinearConv" in ops
 
 
+def test_openvino_int8_runtime_prepares_and_runs(tmp_path: Path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import numpy as np
+    import torch
+
+    from repvit import reparameterize
+    from repvit.bench.runtimes import prepare
+    from repvit.export.openvino_int8 import openvino_session, precision_summary
+    from repvit.models import build_model
+    model = reparameterize(build_model("repvit_m0_6", num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    run, facts = prepare("openvino_int8", model, x, tmp_path, threads=1, tag="m06")
+    out = np.asarray(run()[0])
+    assert facts["dtype"] == "int8" and "NNCF" in facts["note"]
+    assert out.shape == (1, 10) and np.isfinite(out).all()
+    # the timed model is the INT8 IR, whose convolutions run in 8-bit
+    prims = precision_summary(openvino_session(tmp_path / "m06.ov_int8.xml", threads=1))
+    assert prims.get("u8", 0) + prims.get("i8", 0) > 10, prims
+
+
 def test_gpu_mode_is_guarded(capsys):
     import torch
     if torch.cuda.is_available():
