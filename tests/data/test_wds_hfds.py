@@ -216,3 +216,25 @@ def test_hfds_one_epoch_run(tmp_path):
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert row["step"] == 2 and row["skipped_images"] == 1     # every image is drawn once
     assert res.deploy_top1 is not None and res.summary["deploy_params"] > 0
+
+
+def test_wds_bounded_open_shards_and_io_errors_propagate(tmp_path, monkeypatch):
+    """Shard files stay open only up to a bound (ImageNet has ~1000 shards per split, per worker), and an I/O
+    error is raised, not turned into a silently skipped "unreadable image"."""
+    import repvit.data.wds as wds
+    root = tmp_path / "wds"
+    make_wds(root, shards=(("train", 3), ("train", 3), ("train", 3), ("validation", 3)))
+    ds = wds.WdsDataset(root, "train")
+    monkeypatch.setattr(wds, "MAX_OPEN_SHARDS", 2)
+    for i in range(len(ds)):
+        assert ds[i] is not None
+        assert len(ds._files) <= 2
+    ds.close()
+    assert not ds._files
+    (root / "tiny-train-0001.tar").write_bytes(b"")            # shard truncated after indexing
+    with pytest.raises(OSError, match="shorter than when it was indexed"):
+        ds[4]
+    (root / "tiny-train-0002.tar").unlink()                    # shard gone
+    with pytest.raises(FileNotFoundError):
+        ds[7]
+    assert ds[0] is not None

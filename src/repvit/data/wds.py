@@ -34,6 +34,7 @@ __all__ = ["WdsDataset", "load_wds_info", "wds_split_shards"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 INFO_NAMES = ("_info.json", "info.json")
+MAX_OPEN_SHARDS = 64                     # shard files kept open per process (least recently used closed first)
 
 
 def load_wds_info(root: Path) -> dict:
@@ -167,16 +168,32 @@ class WdsDataset(Dataset):
     def _read(self, si: int, offset: int, size: int) -> bytes:
         if self._pid != os.getpid():          # a DataLoader worker: do not share the parent's file handles
             self._files, self._pid = {}, os.getpid()
-        f = self._files.get(si)
+        f = self._files.pop(si, None)         # re-inserted below: the dict keeps least recently used first
         if f is None:
-            f = self._files[si] = open(self.shards[si], "rb")
+            while len(self._files) >= MAX_OPEN_SHARDS:   # bounded: ImageNet has ~1000 shards per split, and
+                self._files.pop(next(iter(self._files))).close()   # every worker would hold them all open
+            f = open(self.shards[si], "rb")
+        self._files[si] = f
         f.seek(offset)                        # type: ignore[attr-defined]
-        return f.read(size)                   # type: ignore[attr-defined]
+        data = f.read(size)                   # type: ignore[attr-defined]
+        if len(data) != size:
+            raise OSError(f"webdataset shard {self.shards[si]} is shorter than when it was indexed "
+                          f"(read {len(data)} of {size} bytes at offset {offset}); was it rewritten?")
+        return data
+
+    def close(self) -> None:
+        """Close the shard files this process has open (reopened on demand)."""
+        files, self._files = self._files, {}
+        if self._pid == os.getpid():
+            for f in files.values():
+                f.close()                     # type: ignore[attr-defined]
 
     def __getitem__(self, i: int):
         si, offset, size = self.samples[i]
+        # I/O errors (a shard gone, too many open files) are not "an unreadable image": they propagate
+        data = self._read(si, offset, size)
         try:
-            with Image.open(io.BytesIO(self._read(si, offset, size))) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 img = im.convert("RGB")
         except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
             return None
