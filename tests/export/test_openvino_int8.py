@@ -72,3 +72,30 @@ def test_openvino_backend_errors(digits_ckpt, tmp_path, capsys):  # noqa: F811
     from repvit.export.openvino_int8 import quantize_openvino
     with pytest.raises(ValueError, match="keep-float"):
         quantize_openvino(fused, tmp_path / "c.xml", calib="digits", num_calib=2, keep_float=["everything"])
+
+
+def test_openvino_failed_run_leaves_no_files(tmp_path, monkeypatch):
+    """An error after quantization (here: in the fp32/INT8 comparison) or a bad --eval path must not leave an
+    IR behind - nor replace an existing one - without its sidecar."""
+    import repvit.export.openvino_int8 as ov8
+
+    from .conftest import small_model
+
+    model = small_model(in_chans=1, size=32, num_classes=10, seed=0)
+    model.preprocessing = {"input_size": [1, 32, 32], "mean": [0.3], "std": [0.35], "interpolation": "bilinear",
+                           "crop_pct": 1.0}
+    out = tmp_path / "m.xml"
+    with pytest.raises(Exception):
+        ov8.quantize_openvino(model, out, calib="digits", num_calib=2, eval_data=tmp_path / "no_such_folder")
+    assert not list(tmp_path.iterdir())
+
+    def broken(*a, **k):
+        raise RuntimeError("comparison failed")
+
+    out.write_text("old ir")
+    out.with_suffix(".bin").write_text("old weights")
+    monkeypatch.setattr(ov8, "evaluate_openvino", broken)
+    with pytest.raises(RuntimeError, match="comparison failed"):
+        ov8.quantize_openvino(model, out, calib="digits", num_calib=2, eval_data="digits", num_eval=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]
+    assert out.read_text() == "old ir" and out.with_suffix(".bin").read_text() == "old weights"

@@ -171,23 +171,33 @@ def quantize_openvino(
     pre = get_preprocessing(fused, input_size)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
     calib_in = prepare_inputs(raw, pre, bake_preprocessing)
-    with tempfile.TemporaryDirectory(prefix="repvit-ov-int8-") as td:
-        fp32 = Path(td) / "fp32.onnx"
-        export_onnx(fused, fp32, input_size=input_size, dynamic_batch=False, opset=20,
-                    bake_preprocessing=bake_preprocessing, sidecar=False)
-        nncf_quantize(fp32, out, calib_in, preset=preset, keep_float=keep_float)
-        result: dict[str, Any] = {"int8_primitives": precision_summary(openvino_session(out, threads=threads))}
-        if eval_data is not None:
-            raw_e, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
-            x = prepare_inputs(raw_e, pre, bake_preprocessing)
-            y = labels.numpy() if labels is not None else None
-            a = evaluate_openvino(fp32, x, y, threads=threads)
-            b = evaluate_openvino(out, x, y, threads=threads)
-            ev: dict[str, Any] = {"source": str(eval_data), "split": "val", "images": int(len(x)),
-                                  "agreement_pct": float((a["pred"] == b["pred"]).mean() * 100.0)}
-            if y is not None:
-                ev.update({"top1_fp32": a["top1"], "top1_int8": b["top1"], "top1_drop": a["top1"] - b["top1"]})
-            result["eval"] = ev
+    if eval_data is not None:        # a bad --eval path fails before the (slow) quantization, not after it
+        raw_e, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
+        x = prepare_inputs(raw_e, pre, bake_preprocessing)
+        y = labels.numpy() if labels is not None else None
+    # the IR is written and checked in a staging folder next to ``out`` and moved into place only when
+    # everything succeeded: an error leaves neither a new IR nor a half-replaced old one behind
+    parent = out.parent if str(out.parent) else Path(".")
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        with tempfile.TemporaryDirectory(prefix="repvit-ov-int8-") as td:
+            fp32 = Path(td) / "fp32.onnx"
+            export_onnx(fused, fp32, input_size=input_size, dynamic_batch=False, opset=20,
+                        bake_preprocessing=bake_preprocessing, sidecar=False)
+            staged = nncf_quantize(fp32, stage / out.name, calib_in, preset=preset, keep_float=keep_float)
+            result: dict[str, Any] = {"int8_primitives": precision_summary(openvino_session(staged, threads=threads))}
+            if eval_data is not None:
+                a = evaluate_openvino(fp32, x, y, threads=threads)
+                b = evaluate_openvino(staged, x, y, threads=threads)
+                ev: dict[str, Any] = {"source": str(eval_data), "split": "val", "images": int(len(x)),
+                                      "agreement_pct": float((a["pred"] == b["pred"]).mean() * 100.0)}
+                if y is not None:
+                    ev.update({"top1_fp32": a["top1"], "top1_int8": b["top1"], "top1_drop": a["top1"] - b["top1"]})
+                result["eval"] = ev
+        os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))   # the .bin first (see nncf_quantize)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     info = model_info(fused, pre)
     info.update({
         "format": "openvino-int8", "target": f"OpenVINO {ov.__version__} CPU, NNCF {nncf.__version__} PTQ",
