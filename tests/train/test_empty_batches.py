@@ -104,3 +104,62 @@ def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path):
     a = load_state(single)["model"]
     for n in r0:
         assert torch.allclose(a[n], r0[n], atol=2e-5, rtol=1e-4), n
+
+
+def test_update_gradient_is_the_mean_over_the_images_read(tmp_path, monkeypatch):
+    """The gradient handed to the optimizer equals the gradient of the mean loss over the images actually read
+    in that update (recomputed here from the very micro-batches the loop drew). The 1- vs 2-process check above
+    cannot see a weighting error that both paths share (e.g. no renormalisation to the real sample count)."""
+    import copy
+
+    import repvit.train.loop as loop
+
+    root = _dataset(tmp_path / "ds")
+    cfg = tiny_config(f"data.dataset={root}", *SET)
+    built, batches, steps = [], [], []
+    build_student, build_optimization, data_loader = loop.build_student, loop.build_optimization, loop.DataLoader
+
+    def build(*a, **k):
+        m = build_student(*a, **k)
+        built.append(m)
+        return m
+
+    def optimization(c, model, **k):
+        opt, sched = build_optimization(c, model, **k)
+        real_step = opt.step
+
+        def step(*sa, **sk):   # weights used by this update's forward passes, and the gradient it steps with
+            steps.append(({n: p.detach().clone() for n, p in model.named_parameters()},
+                          {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+            return real_step(*sa, **sk)
+        opt.step = step
+        return opt, sched
+
+    class Recording(data_loader):
+        def __iter__(self):
+            for b in super().__iter__():
+                batches.append(b)
+                yield b
+
+    monkeypatch.setattr(loop, "build_student", build)
+    monkeypatch.setattr(loop, "build_optimization", optimization)
+    monkeypatch.setattr(loop, "DataLoader", Recording)
+    train(cfg, tmp_path / "run")
+    assert len(batches) == 12 and len(steps) == 2         # update 1 has no readable image: no optimizer step
+    criterion = loop._build_loss(cfg, False)
+    for (weights, grads), update in zip(steps, (0, 2)):
+        m = copy.deepcopy(built[0]).train()
+        m.load_state_dict(weights, strict=False)
+        m.zero_grad(set_to_none=True)
+        total, n = 0.0, 0
+        for x, y, _, _ in batches[4 * update:4 * update + 4]:
+            if len(y):
+                total = total + criterion(m(x), y, None, teacher_is_dist=False) * len(y)
+                n += len(y)
+        assert n == (12 if update == 0 else 11)
+        (total / n).backward()
+        ref = {name: p.grad for name, p in m.named_parameters() if p.grad is not None}
+        assert set(ref) == set(grads)
+        got, want = torch.cat([grads[k].flatten() for k in ref]), torch.cat([ref[k].flatten() for k in ref])
+        # float noise of accumulating micro-batches is ~1e-6 relative; a wrong weighting is >= 1/12 off
+        assert (got - want).norm() <= 1e-4 * want.norm(), (update, float((got - want).norm() / want.norm()))
