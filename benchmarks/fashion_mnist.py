@@ -20,13 +20,16 @@ which on a 2-core CPU budget buys fewer epochs.
     python benchmarks/fashion_mnist.py --parts reparam,distill --abl-epochs 1 --parallel  # full-data ablations
 
 --parallel runs the arms of a comparison as separate single-thread processes (one per core) that draw
-bit-identical batches (checked: every result row carries a digest of the batches it saw).
+bit-identical batches (checked: every result row carries a sha256 of the batches it saw, and the run stops if
+the arms' digests differ). Model initialisation differs from the single-process mode (each arm seeds its own
+process), so only the data, not the initial weights, match that mode exactly.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import random
@@ -75,7 +78,7 @@ class Trainer:
             model.set_distilled_training(True)
         self.clip = cfg.optim.clip_grad
         self.step_n, self.busy_s, self.images, self.loss_sum = 0, 0.0, 0, 0.0
-        self.data_digest = 0.0   # position-weighted sum of every batch seen: equal across arms <=> same batches
+        self.data_digest = hashlib.sha256()   # of every batch seen, in order: equal across arms <=> same batches
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -97,7 +100,8 @@ class Trainer:
         self.busy_s += time.perf_counter() - t0
         self.images += len(y)
         self.loss_sum += loss.item()
-        self.data_digest += self.step_n * (float(x.double().sum()) + float(y.sum()))
+        self.data_digest.update(x.contiguous().numpy().tobytes())
+        self.data_digest.update(y.numpy().tobytes())
 
     def result(self, val, batch: int) -> dict:
         if self.teacher is not None:
@@ -110,7 +114,7 @@ class Trainer:
                 "train_images": self.images, "train_s": round(self.busy_s, 1),
                 "img_per_s": round(self.images / max(self.busy_s, 1e-9), 1),
                 "params": sum(p.numel() for p in self.model.parameters()),
-                "data_digest": f"{self.data_digest:.6e}"}
+                "data_digest": self.data_digest.hexdigest()[:16]}
 
 
 class DataRNG:
@@ -224,11 +228,25 @@ def run_parallel(args, part: str, arms: list[str], epochs: float, root: Path, lo
         if args.quick:
             cmd.append("--quick")
         procs.append((arm, sub, subprocess.Popen(cmd)))
-    results = []
-    for arm, sub, proc in procs:
-        if proc.wait() != 0:
-            raise RuntimeError(f"{part} arm {arm} failed (exit {proc.returncode}); see its log above")
-        results.append(json.loads((sub / "fashion_mnist.json").read_text()))
+    try:
+        while any(proc.poll() is None for _, _, proc in procs):   # notice a failed arm while others still run
+            failed = [(arm, proc.returncode) for arm, _, proc in procs if proc.returncode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"{part} arm {failed[0][0]} failed (exit {failed[0][1]}); see its log above")
+            time.sleep(2)
+        failed = [(arm, proc.returncode) for arm, _, proc in procs if proc.returncode != 0]
+        if failed:
+            raise RuntimeError(f"{part} arm {failed[0][0]} failed (exit {failed[0][1]}); see its log above")
+    finally:
+        for _, _, proc in procs:          # never leave an arm running behind a failure
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    results = [json.loads((sub / "fashion_mnist.json").read_text()) for _, sub, _ in procs]
+    rows = [row for r in results for row in (r[part]["students"] if part == "distill" else r[part])]
+    digests = {row["model"]: row.get("data_digest") for row in rows}
+    if len(set(digests.values())) > 1:
+        raise RuntimeError(f"{part}: the arms did not see the same batches ({digests}); the comparison is invalid")
     return results
 
 
