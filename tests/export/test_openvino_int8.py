@@ -12,7 +12,7 @@ from repvit.cli import main as cli_main
 from repvit.export import sidecar_path
 from repvit.export.calib import load_images, normalise
 
-from .test_quantize import MAX_DROP, digits_ckpt  # noqa: F401  (the trained digits probe fixture)
+from .test_quantize import digits_ckpt, quantize_cli_within_bound  # noqa: F401  (the trained digits probe fixture)
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'repvit[bench]')")
 pytest.importorskip("nncf", reason="nncf is not installed (pip install 'repvit[bench]')")
@@ -23,16 +23,8 @@ def test_openvino_quantize_cli_keeps_accuracy(digits_ckpt, tmp_path, capsys):  #
 
     ckpt, fused = digits_ckpt
     out = tmp_path / "int8.xml"
-    rc = cli_main(["quantize", str(ckpt), "--calib", "digits", "--num-calib", "64", "--eval", "digits",
-                   "--out", str(out), "--json"])
-    assert rc == 0
-    info = json.loads(capsys.readouterr().out)
+    quantize_cli_within_bound(ckpt, out, 64, capsys)
     assert out.is_file() and out.with_suffix(".bin").is_file()
-    e = info["eval"]
-    assert e["images"] == 359
-    assert e["top1_fp32"] > 60.0, "the probe model is not trained; the accuracy bound would be meaningless"
-    assert e["top1_drop"] <= MAX_DROP, json.dumps(e)
-    assert e["agreement_pct"] >= 75.0, json.dumps(e)
     side = json.loads(sidecar_path(out).read_text())
     assert side["format"] == "openvino-int8" and side["variant"] == "repvit_m0_6"
     assert side["quantization"]["calibration"]["images"] == 64
