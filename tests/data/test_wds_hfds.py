@@ -238,3 +238,26 @@ def test_wds_bounded_open_shards_and_io_errors_propagate(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         ds[7]
     assert ds[0] is not None
+
+
+def test_wds_home_relative_path_and_text_json_labels(tmp_path, monkeypatch):
+    """``~/...`` data paths are expanded, and a label stored as text in the sample's JSON ("2") is read."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    root = tmp_path / "wds"
+    make_wds(root, shards=(("train", 4), ("validation", 3)))
+    b = build_data(_wds_cfg(Path("~/wds")), AUG)
+    assert len(b.train) == 4 and len(b.val) == 3
+    # a shard whose samples carry the label only as a JSON string
+    shard = root / "tiny-train-0001.tar"
+    rng = np.random.RandomState(1)
+    with tarfile.open(shard, "w") as t:
+        for i, y in enumerate(("2", "0")):
+            _add(t, f"txt_{i}.png", _png(rng))
+            _add(t, f"txt_{i}.json", json.dumps({"label": y}).encode())
+    info = json.loads((root / "_info.json").read_text())
+    info["splits"]["train"]["filenames"].append(shard.name)
+    info["splits"]["train"]["shard_lengths"].append(2)
+    info["splits"]["train"]["num_samples"] += 2
+    (root / "_info.json").write_text(json.dumps(info))
+    b = build_data(_wds_cfg(Path("~/wds")), AUG)
+    assert len(b.train) == 6 and b.train.targets[-2:] == [2, 0]

@@ -11,6 +11,8 @@ reader, ``wds`` and ``hfds`` through our own random-access readers (:mod:`.wds`,
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -106,7 +108,7 @@ def _check_split_classes(src: str, n_val: int, n_train: int | None, given: int |
 
 def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_classes: int | None = None) -> DataBundle:
     """Validate and build the datasets described by ``data`` (a DataConfig) and ``aug`` (an AugConfig)."""
-    src = str(data.dataset)
+    src = os.path.expanduser(str(data.dataset))    # "~/data/imagenet" from a YAML recipe or --data
     b = builtin_name(src)
     if b is not None and not Path(src).exists():
         bundle = _builtin(b, data, aug, train=train)

@@ -101,8 +101,11 @@ def _label_of(tf: tarfile.TarFile, members: dict[str, tarfile.TarInfo], where: s
     if "json" in members:
         meta = json.loads(tf.extractfile(members["json"]).read())   # type: ignore[union-attr]
         for k in ("label", "cls", "target"):
-            if isinstance(meta, dict) and isinstance(meta.get(k), int):
-                return meta[k]
+            v = meta.get(k) if isinstance(meta, dict) else None
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, str) and v.strip().isdigit():   # writers that store every field as text
+                return int(v)
     raise ValueError(f"{where}: no label (a .cls member, or a .json member with an integer 'label')")
 
 
