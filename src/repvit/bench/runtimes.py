@@ -199,8 +199,7 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
 
 
 def _openvino_int8(model: nn.Module, onnx_path: Path, out: Path, example: torch.Tensor, facts: dict) -> Path:
-    """NNCF INT8 IR of ``model``: our quantizer for RepViT (real calibration images, depthwise float),
-    plain NNCF on random calibration data for any other model (a speed measurement only)."""
+    """NNCF INT8 IR of ``model``: our quantizer for RepViT (real calibration images), plain NNCF on random calibration data for any other model (a speed measurement only)."""
     from ..models import RepViT
     if out.exists():
         return out
@@ -231,15 +230,13 @@ def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 def _openvino(onnx_path: Path, xn: np.ndarray, threads: int, *, bf16: bool, facts: dict):
     try:
-        import openvino as ov
+        import openvino  # noqa: F401  (availability check; openvino_session compiles)
     except ImportError as e:
         raise RuntimeUnavailable("openvino is not installed (pip install openvino)") from e
     if bf16 and not native_bf16():
         raise RuntimeUnavailable("no native bf16 on this CPU (AVX512-BF16/AMX): OpenVINO would silently run f32")
-    core = ov.Core()
-    cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-           "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", cfg)
+    from ..export.openvino_int8 import openvino_session
+    compiled = openvino_session(onnx_path, threads=threads, precision="bf16" if bf16 else "f32")
     facts["precision"] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     req = compiled.create_infer_request()
     return (lambda: req.infer({0: xn})), facts

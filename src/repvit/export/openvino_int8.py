@@ -24,7 +24,7 @@ from torch import nn
 from .calib import load_images
 from .common import check_writable, get_preprocessing, model_info, require, sha256_of, write_sidecar
 from .onnx_export import export_onnx
-from .quantize import KEEP_FLOAT_CHOICES, prepare_inputs
+from .quantize import check_keep_float, classification_result, compare_fp32_int8, prepare_inputs
 from .source import to_deploy
 
 __all__ = ["quantize_openvino", "nncf_quantize", "openvino_session", "evaluate_openvino", "precision_summary",
@@ -43,10 +43,7 @@ def _ignored_scope(ov_model: Any, groups: Sequence[str]) -> Any:
     """NNCF IgnoredScope for the keep-float groups of a RepViT graph (names follow the module paths)."""
     import nncf
 
-    groups = set(groups)
-    bad = groups - set(KEEP_FLOAT_CHOICES)
-    if bad:
-        raise ValueError(f"unknown keep-float group(s) {sorted(bad)}; choose from {', '.join(KEEP_FLOAT_CHOICES)}")
+    groups = check_keep_float(groups)
     names: list[str] = []
     types: list[str] = []
     patterns: list[str] = []
@@ -94,17 +91,23 @@ def nncf_quantize(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, cali
     try:
         tmp = tmpdir / out_xml.name
         ov.save_model(q, str(tmp), compress_to_fp16=False)
-        os.replace(tmp.with_suffix(".bin"), out_xml.with_suffix(".bin"))
-        os.replace(tmp, out_xml)
+        _publish_ir(tmp, out_xml)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out_xml
 
 
+def _publish_ir(src_xml: Path, dst_xml: Path) -> None:
+    """Move an IR into place: the ``.bin`` first, so a visible ``.xml`` always has its weights."""
+    os.replace(src_xml.with_suffix(".bin"), dst_xml.with_suffix(".bin"))
+    os.replace(src_xml, dst_xml)
+
+
 def openvino_session(path: str | os.PathLike, *, threads: int | None = None, latency: bool = True,
-                     batch: int | None = None) -> Any:
+                     batch: int | None = None, precision: str | None = None) -> Any:
     """Compile an ONNX or IR model for the CPU; returns the compiled model.
 
+    ``precision``: OpenVINO's ``INFERENCE_PRECISION_HINT`` (``f32``, ``bf16``), if given.
     ``batch``: reshape the input to a static batch first (our INT8 IRs are batch 1; static shapes are
     also what OpenVINO runs fastest and, for INT8, correctly - see ``DEFAULT_KEEP_FLOAT``).
     """
@@ -112,6 +115,8 @@ def openvino_session(path: str | os.PathLike, *, threads: int | None = None, lat
     cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT"}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    if precision:
+        cfg["INFERENCE_PRECISION_HINT"] = precision
     core = ov.Core()
     model = core.read_model(str(path))
     if batch is not None:
@@ -126,11 +131,7 @@ def evaluate_openvino(path: str | os.PathLike, inputs: np.ndarray, labels: np.nd
     compiled = openvino_session(path, threads=threads, batch=1)
     req = compiled.create_infer_request()
     logits = np.concatenate([np.asarray(req.infer({0: inputs[i:i + 1]})[0]) for i in range(len(inputs))])
-    pred = logits.argmax(1)
-    out: dict[str, Any] = {"n": int(len(pred)), "pred": pred, "logits": logits}
-    if labels is not None:
-        out["top1"] = float((pred == np.asarray(labels)).mean() * 100.0)
-    return out
+    return classification_result(logits, labels)
 
 
 def precision_summary(compiled: Any) -> dict[str, int]:
@@ -187,15 +188,10 @@ def quantize_openvino(
             staged = nncf_quantize(fp32, stage / out.name, calib_in, preset=preset, keep_float=keep_float)
             result: dict[str, Any] = {"int8_primitives": precision_summary(openvino_session(staged, threads=threads))}
             if eval_data is not None:
-                a = evaluate_openvino(fp32, x, y, threads=threads)
-                b = evaluate_openvino(staged, x, y, threads=threads)
-                ev: dict[str, Any] = {"source": str(eval_data), "split": "val", "images": int(len(x)),
-                                      "agreement_pct": float((a["pred"] == b["pred"]).mean() * 100.0)}
-                if y is not None:
-                    ev.update({"top1_fp32": a["top1"], "top1_int8": b["top1"], "top1_drop": a["top1"] - b["top1"]})
-                result["eval"] = ev
-        os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))   # the .bin first (see nncf_quantize)
-        os.replace(staged, out)
+                result["eval"] = compare_fp32_int8(evaluate_openvino(fp32, x, y, threads=threads),
+                                                   evaluate_openvino(staged, x, y, threads=threads),
+                                                   eval_data, y is not None)
+        _publish_ir(staged, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     info = model_info(fused, pre)

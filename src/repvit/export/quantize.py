@@ -23,7 +23,8 @@ from .common import atomic_output, check_writable, get_preprocessing, model_info
 from .onnx_export import count_ops, export_onnx, ort_session
 from .source import to_deploy
 
-__all__ = ["quantize_onnx", "evaluate_onnx", "sensitive_nodes", "KEEP_FLOAT_CHOICES", "prepare_inputs"]
+__all__ = ["quantize_onnx", "evaluate_onnx", "sensitive_nodes", "KEEP_FLOAT_CHOICES", "prepare_inputs",
+           "check_keep_float", "classification_result", "compare_fp32_int8"]
 
 KEEP_FLOAT_CHOICES = ("stem", "depthwise", "se", "head")
 # ops worth running in INT8: the convolutions and the classifier matmul carry ~all the MACs;
@@ -31,12 +32,18 @@ KEEP_FLOAT_CHOICES = ("stem", "depthwise", "se", "head")
 _OPS = ["Conv", "Gemm", "MatMul"]
 
 
-def sensitive_nodes(onnx_model: Any, groups: Iterable[str]) -> list[str]:
-    """Names of the nodes in the given groups (see ``KEEP_FLOAT_CHOICES``) of a RepViT ONNX graph."""
+def check_keep_float(groups: Iterable[str]) -> set[str]:
+    """The keep-float groups as a set; a clear error for any name not in ``KEEP_FLOAT_CHOICES``."""
     groups = set(groups)
     bad = groups - set(KEEP_FLOAT_CHOICES)
     if bad:
         raise ValueError(f"unknown keep-float group(s) {sorted(bad)}; choose from {', '.join(KEEP_FLOAT_CHOICES)}")
+    return groups
+
+
+def sensitive_nodes(onnx_model: Any, groups: Iterable[str]) -> list[str]:
+    """Names of the nodes in the given groups (see ``KEEP_FLOAT_CHOICES``) of a RepViT ONNX graph."""
+    groups = check_keep_float(groups)
     from onnx import numpy_helper
 
     inits = {i.name: i for i in onnx_model.graph.initializer}
@@ -92,11 +99,25 @@ def evaluate_onnx(path: str | os.PathLike, inputs: np.ndarray, labels: np.ndarra
     static = isinstance(sess.get_inputs()[0].shape[0], int)
     step = sess.get_inputs()[0].shape[0] if static else batch
     logits = np.concatenate([sess.run(None, {name: inputs[i:i + step]})[0] for i in range(0, len(inputs), step)])
+    return classification_result(logits, labels)
+
+
+def classification_result(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+    """``{"n", "pred", "logits"[, "top1"]}`` of a classifier's logits (top-1 in percent when labelled)."""
     pred = logits.argmax(1)
     out: dict[str, Any] = {"n": int(len(pred)), "pred": pred, "logits": logits}
     if labels is not None:
         out["top1"] = float((pred == np.asarray(labels)).mean() * 100.0)
     return out
+
+
+def compare_fp32_int8(a: dict[str, Any], b: dict[str, Any], source: Any, labelled: bool) -> dict[str, Any]:
+    """The held-out comparison stored in a sidecar: agreement, and top-1 of both and the drop if labelled."""
+    res: dict[str, Any] = {"source": str(source), "split": "val", "images": a["n"],
+                           "agreement_pct": float((a["pred"] == b["pred"]).mean() * 100.0)}
+    if labelled:
+        res.update({"top1_fp32": a["top1"], "top1_int8": b["top1"], "top1_drop": a["top1"] - b["top1"]})
+    return res
 
 
 def quantize_onnx(
@@ -183,9 +204,4 @@ def _compare(fp32: Path, int8: Path, eval_data, pre, bake, num_eval, seed) -> di
     raw, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
     x = prepare_inputs(raw, pre, bake)
     y = labels.numpy() if labels is not None else None
-    a, b = evaluate_onnx(fp32, x, y), evaluate_onnx(int8, x, y)
-    res: dict[str, Any] = {"eval": {"source": str(eval_data), "split": "val", "images": int(len(x)),
-                                    "agreement_pct": float((a["pred"] == b["pred"]).mean() * 100.0)}}
-    if y is not None:
-        res["eval"].update({"top1_fp32": a["top1"], "top1_int8": b["top1"], "top1_drop": a["top1"] - b["top1"]})
-    return res
+    return {"eval": compare_fp32_int8(evaluate_onnx(fp32, x, y), evaluate_onnx(int8, x, y), eval_data, y is not None)}
