@@ -10,7 +10,7 @@ Parts (all written to OUT/fashion_mnist.json and OUT/fashion_mnist.md):
   speed     training images/s of our RepViT-M0.9 vs timm's repvit_m0_9 in the same loop (ratio), and the
             effect of channels_last and bf16 autocast on this CPU
 
-Resolution: 32x32 (28x28 zero-padded by 2 then randomly cropped). The stem downsamples by 4, so 28x28
+Resolution: 32x32 (28x28 upsampled bilinearly to 32x32; in training, zero-padded by 2 and randomly cropped back). The stem downsamples by 4, so 28x28
 would leave a 7x7 map after the stem and 1x1 at stride 32; 32x32 gives 8x8 / 1x1 with cleanly divisible
 strides, while a larger upsampled input (e.g. 56 or 64) costs 3-4x the compute for no new information -
 which on a 2-core CPU budget buys fewer epochs.
@@ -18,11 +18,17 @@ which on a 2-core CPU budget buys fewer epochs.
     python benchmarks/fashion_mnist.py --quick                       # ~10-15 min, subset
     python benchmarks/fashion_mnist.py --budget-minutes 60 --parts main --parallel   # full data, epochs fitted
     python benchmarks/fashion_mnist.py --parts reparam,distill --abl-epochs 1 --parallel  # full-data ablations
+    # each model gets the whole machine (2 threads) for the budget, in turn; batch 256 (2x the img/s of batch 128)
+    python benchmarks/fashion_mnist.py --budget-minutes 60 --parts main --threads 2 --batch 256 --lr 0.003
 
 --parallel runs the arms of a comparison as separate single-thread processes (one per core) that draw
 bit-identical batches (checked: every result row carries a sha256 of the batches it saw, and the run stops if
 the arms' digests differ). Model initialisation differs from the single-process mode (each arm seeds its own
 process), so only the data, not the initial weights, match that mode exactly.
+
+The trained raw and EMA weights of every main-comparison model are saved next to the results as
+``<model>.safetensors`` and ``<model>_ema.safetensors`` (RepViT ones load with ``repvit.load_checkpoint``;
+others are timm state dicts), e.g. for ``benchmarks/int8_accuracy.py``.
 """
 
 from __future__ import annotations
@@ -115,6 +121,23 @@ class Trainer:
                 "img_per_s": round(self.images / max(self.busy_s, 1e-9), 1),
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "data_digest": self.data_digest.hexdigest()[:16]}
+
+    def save(self, path: Path, preprocessing: dict) -> list[str]:
+        """Raw weights to ``path``, EMA weights to ``<stem>_ema.safetensors``, each written atomically:
+        a repvit checkpoint (with the data's ``preprocessing``) for RepViT models, a timm state dict otherwise."""
+        from safetensors.torch import save_file
+        import repvit
+        from repvit.models import RepViT
+        written = []
+        for module, dest in ((self.model, path), (self.ema.module, path.with_name(f"{path.stem}_ema.safetensors"))):
+            if isinstance(module, RepViT):
+                repvit.save_checkpoint(module, dest, preprocessing=preprocessing)
+            else:
+                tmp = dest.with_name(f".{dest.name}.tmp")
+                save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+                os.replace(tmp, dest)
+            written.append(str(dest))
+        return written
 
 
 class DataRNG:
@@ -223,6 +246,8 @@ def run_parallel(args, part: str, arms: list[str], epochs: float, root: Path, lo
                "--epochs" if part == "main" else "--abl-epochs", repr(epochs),
                "--budget-minutes", str(args.budget_minutes), "--res", str(args.res),
                "--batch", str(args.batch), "--threads", "1", "--out-dir", str(sub), "--tag", arm]
+        if args.lr:
+            cmd += ["--lr", repr(args.lr)]
         if part == "distill" and args.teacher_ckpt:
             cmd += ["--teacher-ckpt", args.teacher_ckpt, "--teacher", args.teacher]
         if args.quick:
@@ -324,6 +349,8 @@ def main() -> int:
     ap.add_argument("--res", type=int, default=32)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: the fashion_mnist_full recipe's, "
+                                             "tuned for batch 128)")
     ap.add_argument("--parts", default="speed,main,reparam,distill")
     ap.add_argument("--speed-rounds", type=int, default=7)
     ap.add_argument("--main-models", default="repvit_m0_9,mobilenetv3_large_100",
@@ -351,14 +378,15 @@ def main() -> int:
     cfg = apply_overrides(load_recipe("fashion_mnist_full"), [
         f"data.img_size={args.res}", f"run.batch_size={args.batch}", f"run.global_batch={args.batch}",
         f"data.max_train_samples={6000 if args.quick else 'null'}",
-        f"data.max_val_samples={2000 if args.quick else 'null'}"])
+        f"data.max_val_samples={2000 if args.quick else 'null'}",
+        *([f"optim.lr={args.lr}"] if args.lr else [])])
     bundle = build_data(cfg.data, cfg.aug, seed=0)
     if bundle.name != "fashion-mnist":
         log("NOTICE: Fashion-MNIST IDX files not found; results are on digits")
     steps_per_epoch = len(bundle.train) // args.batch
     results: dict = {"settings": {"quick": args.quick, "res": args.res, "batch": args.batch, "threads": args.threads,
                                   "train_images": len(bundle.train), "val_images": len(bundle.val),
-                                  "budget_minutes": args.budget_minutes, "dataset": bundle.name,
+                                  "budget_minutes": args.budget_minutes, "dataset": bundle.name, "lr": cfg.lr(),
                                   "torch": torch.__version__, "cpu_count": os.cpu_count(),
                                   "parallel": args.parallel}}
     parts = args.parts.split(",")
@@ -402,6 +430,7 @@ def main() -> int:
             results["main"] = [row for sub in subs for row in sub["main"]]
             results["main_progress"] = merge_progress([sub.get("main_progress", []) for sub in subs])
             results["main_epochs"] = subs[0]["main_epochs"]
+            results["weights"] = [w for sub in subs for w in sub.get("weights", [])]
         else:
             tr = [Trainer(n, comparison_model(n), cfg, total) for n in names]
             results["main_progress"] = []
@@ -409,6 +438,7 @@ def main() -> int:
                          progress=results["main_progress"], on_progress=save)
             results["main"] = [t.result(bundle.val, 256) for t in tr]
             results["main_epochs"] = round(tr[0].step_n / steps_per_epoch, 3)
+            results["weights"] = [w for t in tr for w in t.save(out_dir / f"{t.name}.safetensors", bundle.preprocessing)]
         log(f"main: {json.dumps(results['main'])}")
         save()
 
@@ -477,7 +507,8 @@ def main() -> int:
 def render_md(r: dict) -> str:
     s = r["settings"]
     out = [f"Fashion-MNIST ({s['dataset']}, {s['train_images']} train / {s['val_images']} test images, "
-           f"{s['res']}x{s['res']}, batch {s['batch']}, {s['threads']} thread(s), quick={s['quick']})", ""]
+           f"{s['res']}x{s['res']}, batch {s['batch']}, lr {s.get('lr', 0.002)}, {s['threads']} thread(s), "
+           f"quick={s['quick']})", ""]
 
     def table(rows: list[dict]) -> None:
         out.append("| model | top-1 % | top-5 % | weights | updates | train s | img/s | params |")

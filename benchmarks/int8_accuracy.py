@@ -10,6 +10,9 @@ turn) and reported as median and spread, with speed-ups as ratios to the best fp
 
     python benchmarks/int8_accuracy.py                       # both datasets, defaults below
     python benchmarks/int8_accuracy.py --datasets digits --train-seconds 60 --repeats 5
+    # a model trained elsewhere, e.g. RepViT-M0.9 (EMA) from benchmarks/fashion_mnist.py's main comparison
+    python benchmarks/int8_accuracy.py --datasets fashion-mnist \
+        --checkpoint fashion-mnist=benchmarks/results/main_2threads/repvit_m0_9_ema.safetensors
 
 Writes benchmarks/results/int8_accuracy.json and .md (or --out-dir).
 """
@@ -37,6 +40,7 @@ from repvit.export.common import atomic_write_text
 from repvit.export.onnx_export import export_onnx, ort_session
 from repvit.export.quantize import evaluate_onnx, prepare_inputs, quantize_onnx
 from repvit.export.source import to_deploy
+from repvit.weights.api import model_from_checkpoint
 
 try:  # OpenVINO + NNCF rows are added when both are installed (pip install 'repvit[bench]')
     from repvit.export.openvino_int8 import evaluate_openvino, openvino_session, quantize_openvino
@@ -146,12 +150,16 @@ def time_interleaved(runners: dict, repeats: int, iters: int) -> dict:
 def bench_dataset(ds: str, args, workdir: Path) -> dict:
     ckpt = Path(args.ckpt_dir) / f"{ds}_{args.variant}_{args.img}.safetensors"
     train_info = None
-    if not ckpt.exists() or args.retrain or args.train_more:
+    if ds in args.checkpoint:             # trained elsewhere: use as is (variant and input size from the file)
+        ckpt = args.checkpoint[ds]
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--checkpoint {ds}={ckpt}: no such file")
+    elif not ckpt.exists() or args.retrain or args.train_more:
         print(f"[{ds}] training {args.variant} at {args.img}x{args.img} ...", flush=True)
         secs = args.train_seconds_digits if ds == "digits" else args.train_seconds
         train_info = train_model(ds, args.variant, args.img, secs, ckpt, resume=args.train_more)
         print(f"[{ds}] trained: {train_info}", flush=True)
-    model = repvit.create_model(args.variant, checkpoint=ckpt)
+    model = model_from_checkpoint(ckpt) if ds in args.checkpoint else repvit.create_model(args.variant, checkpoint=ckpt)
     fused = to_deploy(model)
     pre = fused.preprocessing
     raw, labels = load_images(ds, pre, split="val", limit=args.num_eval, seed=1)
@@ -296,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrain", action="store_true", help="train from scratch even if a checkpoint is cached")
     ap.add_argument("--train-more", action="store_true", help="continue training the cached checkpoint")
     ap.add_argument("--ckpt-dir", default=os.path.expanduser("~/.cache/repvit/int8_bench"))
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="DATASET=PATH",
+                    help="use this trained repvit checkpoint for DATASET instead of training/caching one "
+                         "(repeatable); its variant and input size come from the file")
     ap.add_argument("--num-calib", type=int, default=512)
     ap.add_argument("--num-eval", type=int, default=None, help="held-out images (default: the whole split)")
     ap.add_argument("--threads", type=int, default=1,
@@ -309,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="only measure fp32 vs INT8 latency of the cached model at these input sizes "
                          "(writes int8_speed_by_size.json/.md)")
     args = ap.parse_args(argv)
+    try:
+        args.checkpoint = {k: Path(v).expanduser() for k, v in (c.split("=", 1) for c in args.checkpoint)}
+    except ValueError:
+        ap.error("--checkpoint takes DATASET=PATH, e.g. fashion-mnist=run/best.safetensors")
     torch.set_num_threads(args.threads)
     Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
     out = Path(args.out_dir)
