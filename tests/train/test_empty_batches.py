@@ -36,8 +36,9 @@ SET = [f"run.global_batch={GB}", f"run.batch_size={BS}", "run.max_steps_per_epoc
        "data.max_val_samples=null", "data.img_size=16", f"run.seed={SEED}", "optim.clip_mode=none"]
 
 
-def _dataset(root: Path) -> Path:
-    """Two classes of random 16x16 images, then the unreadable micro-batches of the module docstring."""
+def _dataset(root: Path, bad_chunks=lambda c: c[3] + c[4] + c[5] + c[6] + c[7] + c[8] + c[9][:1]) -> Path:
+    """Two classes of random 16x16 images, then the unreadable micro-batches of the module docstring
+    (``bad_chunks`` picks other sample indices from the list of micro-batches)."""
     rng = np.random.RandomState(0)
     for split, n in (("train", N_PER_CLASS), ("val", 2)):
         for c in ("a", "b"):
@@ -49,7 +50,7 @@ def _dataset(root: Path) -> Path:
     s = GlobalBatchSampler(len(samples), GB, world_size=1, accum_steps=GB // BS, seed=SEED)
     s.set_epoch(0)
     chunks = list(s)                                             # micro-batch i = chunk i % 4 of update i // 4
-    bad = chunks[3] + chunks[4] + chunks[5] + chunks[6] + chunks[7] + chunks[8] + chunks[9][:1]
+    bad = bad_chunks(chunks)
     for i in bad:
         Path(samples[i][0]).write_bytes(b"not an image")
     return root
@@ -81,6 +82,23 @@ def test_empty_micro_batches_single_process(tmp_path):
     st = load_state(run)
     assert all(torch.isfinite(v).all() for v in st["model"].values())
     assert res.deploy_top1 is not None
+
+
+def test_micro_batch_with_one_readable_image_is_dropped(tmp_path):
+    """3 of 4 images unreadable leaves one sample, on which BatchNorm cannot train: it is dropped and counted,
+    and the run goes on (before: 'Expected more than 1 value per channel when training')."""
+    root = _dataset(tmp_path / "ds", bad_chunks=lambda c: c[0][:3])
+    run = tmp_path / "run"
+    train(tiny_config(f"data.dataset={root}", *SET), run)
+    m = _metrics(run)
+    assert m["skipped_images"] == 4 and m["empty_batches"] == 1 and m["empty_updates"] == 0
+    assert m["step"] == 3 and np.isfinite(m["train_loss"])
+
+
+def test_micro_batch_of_one_is_refused(tmp_path):
+    root = _dataset(tmp_path / "ds", bad_chunks=lambda c: [])
+    with pytest.raises(ValueError, match="at least 2 per micro-batch"):
+        train(tiny_config(f"data.dataset={root}", *SET, "run.global_batch=4", "run.batch_size=1"), tmp_path / "run")
 
 
 def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path):

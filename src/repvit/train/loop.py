@@ -5,7 +5,8 @@ forward/backward each micro-batch (DDP gradient sync only on the last), stop on 
 loss before anything is stepped, unscale (fp16), clip (AGC by default), optimizer step, EMA
 update, scheduler update.
 
-Unreadable images (dropped by the collate function) can leave a micro-batch short or empty. The
+Unreadable images (dropped by the collate function) can leave a micro-batch short or empty (a single
+left-over sample is dropped too: BatchNorm cannot train on one). The
 gradient of an update is the mean over the samples that were actually read, on all ranks and
 micro-batches together (the same value as before when nothing is dropped). In DDP every rank takes
 part in every collective: the real-sample counts of each micro-step are all-reduced before its
@@ -248,6 +249,12 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     sampler = GlobalBatchSampler(len(bundle.train), global_batch, world_size=world, rank=di.rank, accum_steps=accum,
                                  repeats=cfg.aug.repeated_aug, seed=cfg.run.seed, max_steps=cfg.run.max_steps_per_epoch)
     updates_per_epoch = sampler.steps
+    if sampler.micro_batch < 2:
+        # BatchNorm cannot normalise one sample in training (the head's BatchNorm1d raises, and the 1x1 maps of
+        # the last stage at small inputs too)
+        raise ValueError(f"each micro-batch would hold {sampler.micro_batch} image (global batch {global_batch} "
+                         f"over {world} process(es) x {accum} accumulation step(s)); BatchNorm needs at least 2 per "
+                         "micro-batch: raise run.global_batch or run.batch_size, or use fewer processes")
 
     optimizer, scheduler = build_optimization(cfg, raw_model, world_size=world, updates_per_epoch=updates_per_epoch)
     amp = _resolve_amp(cfg, device, log)
@@ -378,6 +385,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             if m_in_step == 0:
                 upd_real, ddp_synced = 0, False
             n_local = len(y)
+            if n_local == 1:
+                # unreadable images left a single sample: BatchNorm cannot train on it, so it is dropped like them
+                x, y, idx = x[:0], y[:0], idx[:0]
+                n_local, skipped = 0, skipped + 1
             if n_local == 0:
                 empty_batches += 1
             if di.distributed:
