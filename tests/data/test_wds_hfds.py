@@ -183,6 +183,21 @@ def test_hfds_saved_to_disk(tmp_path):
         build_data(_wds_cfg(tmp_path / "missing", format="hfds"), AUG)
 
 
+@pytest.mark.parametrize("labels, says", [([[0, 1], [2], [1]], "holds a list"), (["cat", "dog", "cat"], "holds str 'cat'")])
+def test_hfds_labels_that_are_not_class_indices(tmp_path, labels, says):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.RandomState(0)
+    images = [{"bytes": _png(rng), "path": None} for _ in labels]
+    split = datasets.Dataset.from_dict({"image": images, "labels": labels},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "labels": datasets.Dataset.from_dict(
+                                                                       {"l": labels}).features["l"]}))
+    root = tmp_path / "hf"
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(root))
+    with pytest.raises(ValueError, match=f"label column 'labels' .*one integer class index per image; row 0 {says}"):
+        build_data(_wds_cfg(root, format="hfds"), AUG)
+
+
 def test_hfds_split_folders_and_parquet_files(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

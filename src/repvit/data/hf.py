@@ -75,6 +75,19 @@ def _column(ds: Any, keys: tuple[str, ...], what: str, src: str) -> str:
                      f"columns: {', '.join(ds.column_names)})")
 
 
+def _int_labels(values: list, key: str, split: str, src: str) -> list[int]:
+    """One integer class index per image, or a ValueError that says what the column holds instead."""
+    out = []
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or (isinstance(t, float) and not t.is_integer()):
+            kind = ("a list (multi-label?)" if isinstance(t, (list, tuple)) else f"{type(t).__name__} {t!r}")
+            raise ValueError(f"label column {key!r} of split {split!r} of Hugging Face dataset {src!r} must hold one "
+                             f"integer class index per image; row {i} holds {kind}. Map it to class indices first "
+                             "(e.g. datasets' class_encode_column / cast to ClassLabel) and save_to_disk")
+        out.append(int(t))
+    return out
+
+
 class HFImageDataset(Dataset):
     """``(image, label)`` items of one split; ``None`` for an image PIL cannot decode."""
 
@@ -87,7 +100,7 @@ class HFImageDataset(Dataset):
         feat = ds.features[self.label_key]
         # decode ourselves (skip unreadable images instead of raising inside datasets)
         self.ds = ds.cast_column(self.image_key, datasets.Image(decode=False))
-        self.targets = [int(t) for t in self.ds[self.label_key]]
+        self.targets = _int_labels(self.ds[self.label_key], self.label_key, split, src)
         if len(self.targets) == 0:
             raise ValueError(f"split {split!r} of Hugging Face dataset {src!r} is empty")
         if isinstance(feat, datasets.ClassLabel):
