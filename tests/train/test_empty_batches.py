@@ -181,3 +181,34 @@ def test_update_gradient_is_the_mean_over_the_images_read(tmp_path, monkeypatch)
         got, want = torch.cat([grads[k].flatten() for k in ref]), torch.cat([ref[k].flatten() for k in ref])
         # float noise of accumulating micro-batches is ~1e-6 relative; a wrong weighting is >= 1/12 off
         assert (got - want).norm() <= 1e-4 * want.norm(), (update, float((got - want).norm() / want.norm()))
+
+
+_AVERAGE_WORKER = """
+import sys, torch, torch.distributed as dist
+from repvit.train.dist import average_gradients
+dist.init_process_group("gloo")
+r = dist.get_rank()
+both, only_rank0, unused = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+both.grad = torch.full((3,), float(r + 1))            # 1 on rank 0, 2 on rank 1
+if r == 0:
+    only_rank0.grad = torch.full((3,), 4.0)
+average_gradients([both, only_rank0, unused], 2)
+torch.save({"both": both.grad, "only_rank0": only_rank0.grad, "unused": unused.grad}, sys.argv[1] + f"/r{r}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_average_gradients_by_hand(tmp_path):
+    """The by-hand all-reduce of an update some rank had no data for: means over ranks (a rank without a gradient
+    counts as zero), and a parameter without a gradient on any rank keeps None (no weight decay on it)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_AVERAGE_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(worker), str(tmp_path)]
+    p = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in (0, 1):
+        g = torch.load(tmp_path / f"r{r}.pt")
+        assert torch.equal(g["both"], torch.full((3,), 1.5))
+        assert torch.equal(g["only_rank0"], torch.full((3,), 2.0))
+        assert g["unused"] is None

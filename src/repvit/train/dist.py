@@ -63,7 +63,8 @@ def average_gradients(params, world_size: int) -> None:
 
     Used when a micro-batch bypassed DDP's synchronised backward because some rank had no data for it: every
     rank calls this at the same update, a rank (or parameter) without a gradient contributes zeros, and every
-    parameter ends up with the same averaged gradient on every rank.
+    parameter ends up with the same averaged gradient on every rank - except one that has no gradient on any
+    rank, which keeps ``None`` (so the optimizer leaves it alone, weight decay included, as without DDP).
     """
     if not (dist.is_available() and dist.is_initialized()) or world_size <= 1:
         return
@@ -73,14 +74,18 @@ def average_gradients(params, world_size: int) -> None:
         groups.setdefault((p.device, p.dtype), []).append(p)
     for ps in groups.values():
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        has_grad = torch.tensor([float(p.grad is not None) for p in ps], dtype=ps[0].dtype, device=ps[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [has_grad])   # the flags ride along: one all-reduce
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world_size)
+        used_anywhere = flat[-len(ps):] > 0
+        flat = flat[:-len(ps)].div_(world_size)
         off = 0
-        for p in ps:
+        for p, used in zip(ps, used_anywhere.tolist()):
             n = p.numel()
             g = flat[off:off + n].view_as(p)
             off += n
+            if not used:
+                continue
             if p.grad is None:
                 p.grad = g.clone()
             else:
