@@ -10,9 +10,9 @@ Parts (all written to OUT/fashion_mnist.json and OUT/fashion_mnist.md):
   speed     training images/s of our RepViT-M0.9 vs timm's repvit_m0_9 in the same loop (ratio), and the
             effect of channels_last and bf16 autocast on this CPU
 
-Resolution: 32x32 (28x28 upsampled bilinearly to 32x32; in training, zero-padded by 2 and randomly cropped back). The stem downsamples by 4, so 28x28
-would leave a 7x7 map after the stem and 1x1 at stride 32; 32x32 gives 8x8 / 1x1 with cleanly divisible
-strides, while a larger upsampled input (e.g. 56 or 64) costs 3-4x the compute for no new information -
+Resolution: 32x32 (28x28 upsampled bilinearly; in training then zero-padded by 2 and randomly cropped back).
+The stem downsamples by 4, so 28x28 would leave a 7x7 map after the stem and uneven strides (7, 4, 2, 1);
+32x32 gives 8x8 down to 1x1 with cleanly divisible strides, while a larger upsampled input (e.g. 56 or 64) costs 3-4x the compute for no new information -
 which on a 2-core CPU budget buys fewer epochs.
 
     python benchmarks/fashion_mnist.py --quick                       # ~10-15 min, subset
