@@ -221,7 +221,8 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
             t[k]["speedup_vs_best_fp32"] = best_fp32 / t[k]["median_ms"]
         speed[f"batch{b}"] = t
         print(f"[{ds}] batch {b}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in t.items()), flush=True)
-    return {"checkpoint": str(ckpt), "train": train_info, "eval_images": int(len(x)), "accuracy": rows,
+    return {"checkpoint": str(ckpt), "variant": getattr(fused, "variant", args.variant),
+            "train": train_info, "eval_images": int(len(x)), "accuracy": rows,
             "speed": speed, "preprocessing": pre}
 
 
@@ -268,13 +269,15 @@ def speed_markdown(res: dict) -> str:
 
 
 def to_markdown(res: dict) -> str:
-    lines = [f"# INT8 (ONNX Runtime QDQ static, OpenVINO NNCF) vs fp32 - {res['variant']} at {res['img']}x{res['img']}",
+    variants = ", ".join(sorted({r.get("variant", res["variant"]) for r in res["datasets"].values()})) or res["variant"]
+    lines = [f"# INT8 (ONNX Runtime QDQ static, OpenVINO NNCF) vs fp32 - {variants}",
              "", "INT8 rows compare with the fp32 model in the same runtime (drop and agreement); speed-ups are "
              "against the best fp32 runtime.", "",
              f"Machine: {res['machine']}; {res['threads']} threads; {res['repeats']} interleaved repeats "
              "(median, [min-max]); speed-up = best fp32 median / median.", ""]
     for ds, r in res["datasets"].items():
-        lines += [f"## {ds} ({r['eval_images']} held-out images)", ""]
+        size = "x".join(str(v) for v in r["preprocessing"]["input_size"][1:])
+        lines += [f"## {ds} ({r['eval_images']} held-out images, {size} input, checkpoint {r['checkpoint']})", ""]
         bkeys = list(r["speed"])
         lines.append("| model | top-1 % | drop (pts) | agree % | " + " | ".join(f"{b} ms" for b in bkeys)
                      + " | " + " | ".join(f"{b} speed-up" for b in bkeys) + " |")
