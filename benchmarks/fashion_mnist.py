@@ -12,8 +12,8 @@ Parts (all written to OUT/fashion_mnist.json and OUT/fashion_mnist.md):
 
 Resolution: 32x32 (28x28 upsampled bilinearly; in training then zero-padded by 2 and randomly cropped back).
 The stem downsamples by 4, so 28x28 would leave a 7x7 map after the stem and uneven strides (7, 4, 2, 1);
-32x32 gives 8x8 down to 1x1 with cleanly divisible strides, while a larger upsampled input (e.g. 56 or 64) costs 3-4x the compute for no new information -
-which on a 2-core CPU budget buys fewer epochs.
+32x32 gives 8x8 down to 1x1 with cleanly divisible strides, while a larger upsampled input (e.g. 56 or 64)
+costs 3-4x the compute for no new information - which on a 2-core CPU budget buys fewer epochs.
 
     python benchmarks/fashion_mnist.py --quick                       # ~10-15 min, subset
     python benchmarks/fashion_mnist.py --budget-minutes 60 --parts main --parallel   # full data, epochs fitted
@@ -125,17 +125,15 @@ class Trainer:
     def save(self, path: Path, preprocessing: dict) -> list[str]:
         """Raw weights to ``path``, EMA weights to ``<stem>_ema.safetensors``, each written atomically:
         a repvit checkpoint (with the data's ``preprocessing``) for RepViT models, a timm state dict otherwise."""
-        from safetensors.torch import save_file
         import repvit
         from repvit.models import RepViT
+        from repvit.weights.io import write_state_dict
         written = []
         for module, dest in ((self.model, path), (self.ema.module, path.with_name(f"{path.stem}_ema.safetensors"))):
             if isinstance(module, RepViT):
                 repvit.save_checkpoint(module, dest, preprocessing=preprocessing)
             else:
-                tmp = dest.with_name(f".{dest.name}.tmp")
-                save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
-                os.replace(tmp, dest)
+                write_state_dict(module.state_dict(), dest)
             written.append(str(dest))
         return written
 
