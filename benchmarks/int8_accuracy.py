@@ -159,7 +159,7 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
         secs = args.train_seconds_digits if ds == "digits" else args.train_seconds
         train_info = train_model(ds, args.variant, args.img, secs, ckpt, resume=args.train_more)
         print(f"[{ds}] trained: {train_info}", flush=True)
-    model = model_from_checkpoint(ckpt) if ds in args.checkpoint else repvit.create_model(args.variant, checkpoint=ckpt)
+    model = model_from_checkpoint(ckpt)   # variant (and input size) from the file, cached or given
     fused = to_deploy(model)
     pre = fused.preprocessing
     raw, labels = load_images(ds, pre, split="val", limit=args.num_eval, seed=1)
