@@ -246,6 +246,8 @@ def run_parallel(args, part: str, arms: list[str], epochs: float, root: Path, lo
                "--batch", str(args.batch), "--threads", "1", "--out-dir", str(sub), "--tag", arm]
         if args.lr:
             cmd += ["--lr", repr(args.lr)]
+        for kv in args.overrides:
+            cmd += ["--set", kv]
         if part == "distill" and args.teacher_ckpt:
             cmd += ["--teacher-ckpt", args.teacher_ckpt, "--teacher", args.teacher]
         if args.quick:
@@ -349,6 +351,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, help="peak learning rate (default: the fashion_mnist_full recipe's, "
                                              "tuned for batch 128)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of the fashion_mnist_full recipe for every model compared "
+                         "(e.g. --set aug.reprob=0); repeatable, recorded in the results")
     ap.add_argument("--parts", default="speed,main,reparam,distill")
     ap.add_argument("--speed-rounds", type=int, default=7)
     ap.add_argument("--main-models", default="repvit_m0_9,mobilenetv3_large_100",
@@ -377,7 +382,7 @@ def main() -> int:
         f"data.img_size={args.res}", f"run.batch_size={args.batch}", f"run.global_batch={args.batch}",
         f"data.max_train_samples={6000 if args.quick else 'null'}",
         f"data.max_val_samples={2000 if args.quick else 'null'}",
-        *([f"optim.lr={args.lr}"] if args.lr else [])])
+        *([f"optim.lr={args.lr}"] if args.lr else []), *args.overrides])
     bundle = build_data(cfg.data, cfg.aug, seed=0)
     if bundle.name != "fashion-mnist":
         log("NOTICE: Fashion-MNIST IDX files not found; results are on digits")
@@ -386,7 +391,10 @@ def main() -> int:
                                   "train_images": len(bundle.train), "val_images": len(bundle.val),
                                   "budget_minutes": args.budget_minutes, "dataset": bundle.name, "lr": cfg.lr(),
                                   "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                                  "parallel": args.parallel}}
+                                  "parallel": args.parallel, "overrides": args.overrides,
+                                  "aug": {"reprob": cfg.aug.reprob, "smoothing": cfg.aug.smoothing,
+                                          "hflip": cfg.aug.hflip, "pad_crop": cfg.aug.pad_crop},
+                                  "weight_decay": cfg.optim.weight_decay, "ema_decay": cfg.ema.decay}}
     parts = args.parts.split(",")
 
     def save() -> None:
@@ -506,7 +514,8 @@ def render_md(r: dict) -> str:
     s = r["settings"]
     out = [f"Fashion-MNIST ({s['dataset']}, {s['train_images']} train / {s['val_images']} test images, "
            f"{s['res']}x{s['res']}, batch {s['batch']}, lr {s.get('lr', 0.002)}, {s['threads']} thread(s), "
-           f"quick={s['quick']})", ""]
+           f"quick={s['quick']})"
+           + (f"; recipe overrides: {', '.join(s['overrides'])}" if s.get("overrides") else ""), ""]
 
     def table(rows: list[dict]) -> None:
         out.append("| model | top-1 % | top-5 % | weights | updates | train s | img/s | params |")

@@ -21,6 +21,7 @@ directly so fused checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -69,6 +70,67 @@ def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
     return out
 
 
+# ----------------------------------------------------------------------------- small-map depthwise conv
+
+# Depthwise kxk convs whose input has at most this many pixels are computed, when a backward pass can
+# follow, as one (out_pixels x in_pixels) matrix per channel. Why: oneDNN's depthwise *backward* on 2x2 and
+# 1x1 maps (stages 3-4 of a 32x32 input, e.g. Fashion-MNIST) took 19-62 ms per call at batch 256 on 2 threads,
+# against 1-7 ms as a matrix product (forward alone is fast either way, so inference keeps the plain conv);
+# that backward was half of a training step. See docs/benchmarks.md, "Training on small inputs".
+SMALL_MAP_PIXELS = 4
+
+
+@lru_cache(maxsize=64)
+def _tap_index(h: int, w: int, k: int, stride: int, pad: int) -> torch.Tensor:
+    """idx[p, q] = flat kernel tap linking output pixel p to input pixel q, or k*k (a zero tap) if none."""
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    oi, oj = torch.meshgrid(torch.arange(ho), torch.arange(wo), indexing="ij")
+    ii, ij = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    a = ii.reshape(1, -1) - stride * oi.reshape(-1, 1) + pad      # kernel row for (p, q)
+    b = ij.reshape(1, -1) - stride * oj.reshape(-1, 1) + pad      # kernel column for (p, q)
+    inside = (a >= 0) & (a < k) & (b >= 0) & (b < k)
+    return torch.where(inside, a * k + b, torch.full_like(a, k * k))
+
+
+def small_map_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, pad: int
+) -> torch.Tensor:
+    """Depthwise conv (groups == channels, dilation 1, square kernel) as a per-channel matrix product.
+
+    Exact same function as ``F.conv2d(x, weight, bias, stride, pad, groups=C)``; its cost grows with
+    (H*W)^2, so it only pays off on tiny maps (see ``SMALL_MAP_PIXELS``).
+    """
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    idx = _tap_index(h, w, k, stride, pad).to(x.device)
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    taps = torch.cat([weight.reshape(c, k * k), weight.new_zeros(c, 1)], dim=1)
+    mat = taps[:, idx]                                             # (C, P_out, Q_in)
+    out = torch.einsum("ncq,cpq->ncp", x.reshape(n, c, h * w), mat).reshape(n, c, ho, wo)
+    return out if bias is None else out + bias.reshape(1, c, 1, 1)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and keys) that routes training on tiny maps through
+    :func:`small_map_depthwise_conv`; everything else (inference, tracing, export, compile) is the plain conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._small_map(x):
+                return small_map_depthwise_conv(x, self.weight, self.bias, self.stride[0], int(self.padding[0]))
+        return self._conv_forward(x, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _small_map(self, x: torch.Tensor) -> bool:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():   # exports and compile see the plain conv
+            return False
+        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
+                and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+                and self.groups == self.in_channels == self.out_channels and self.dilation == (1, 1)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and self.stride[0] == self.stride[1] and self.padding[0] == self.padding[1])
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -80,7 +142,9 @@ class ConvBN(nn.Sequential):
         groups: int = 1, bn_weight_init: float = 1.0,
     ) -> None:
         super().__init__()
-        self.c = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        depthwise = groups == in_chs == out_chs and kernel_size > 1
+        self.c = (DepthwiseConv2d if depthwise else nn.Conv2d)(
+            in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
