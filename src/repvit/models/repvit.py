@@ -76,7 +76,7 @@ def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
 # follow, as one (out_pixels x in_pixels) matrix per channel. Why: oneDNN's depthwise *backward* on 2x2 and
 # 1x1 maps (stages 3-4 of a 32x32 input, e.g. Fashion-MNIST) took 19-62 ms per call at batch 256 on 2 threads,
 # against 1-7 ms as a matrix product (forward alone is fast either way, so inference keeps the plain conv);
-# that backward was half of a training step. See docs/benchmarks.md, "Training on small inputs".
+# that backward was half of a training step. See docs/training.md, "Training on small inputs".
 SMALL_MAP_PIXELS = 4
 
 
