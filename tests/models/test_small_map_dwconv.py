@@ -46,6 +46,7 @@ def test_used_only_when_a_backward_can_follow_on_tiny_maps(monkeypatch):
     conv(torch.randn(2, 8, 4, 4))                       # 16 pixels > SMALL_MAP_PIXELS -> plain conv
     with torch.no_grad():
         conv(torch.randn(2, 8, 2, 2))                   # inference -> plain conv
+    conv(torch.randn(2, 8, 2, 2, device="meta"))       # not a CPU tensor -> plain conv
     torch.jit.trace(conv.eval().requires_grad_(False), torch.randn(1, 8, 2, 2))   # tracing -> plain conv
     assert len(calls) == 1
 

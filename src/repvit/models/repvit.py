@@ -111,8 +111,8 @@ def small_map_depthwise_conv(
 
 
 class DepthwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and keys) that routes training on tiny maps through
-    :func:`small_map_depthwise_conv`; everything else (inference, tracing, export, compile) is the plain conv."""
+    """``nn.Conv2d`` (same parameters and keys) that routes CPU training on tiny maps through
+    :func:`small_map_depthwise_conv`; everything else (inference, GPUs, tracing, export, compile) is the plain conv."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -124,7 +124,8 @@ class DepthwiseConv2d(nn.Conv2d):
     def _small_map(self, x: torch.Tensor) -> bool:
         if torch.jit.is_tracing() or torch.compiler.is_compiling():   # exports and compile see the plain conv
             return False
-        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
+        # CPU only: measured there; GPU depthwise kernels were not shown to have the problem
+        return (x.device.type == "cpu" and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
                 and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
                 and self.groups == self.in_channels == self.out_channels and self.dilation == (1, 1)
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
