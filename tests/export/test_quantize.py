@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import repvit
+from repvit.bench import machine
+from repvit.bench.machine import int8_overflow_risk
 from repvit.cli import main as cli_main
 from repvit.export import evaluate_onnx, quantize_onnx, sidecar_path
 from repvit.export.calib import load_images, normalise
@@ -81,7 +83,9 @@ def test_quantize_cli_keeps_accuracy(digits_ckpt, tmp_path, capsys):
     assert count_ops(out, "QuantizeLinear") > 50 and count_ops(out, "BatchNormalization") == 0
     side = json.loads(sidecar_path(out).read_text())
     assert side["format"] == "onnx-int8" and side["variant"] == "repvit_m0_6"
-    assert side["quantization"]["weights"] == "int8 symmetric per-channel"
+    u8 = int8_overflow_risk()       # x86 without VNNI: uint8 weights (ORT's U8U8 kernels), see quantize_onnx
+    assert side["quantization"]["u8_weights"] is u8
+    assert side["quantization"]["weights"] == ("uint8 asymmetric" if u8 else "int8 symmetric") + " per-channel"
     assert side["quantization"]["calibration"]["images"] == 128
     # the INT8 file really is smaller and runs on a dynamic batch
     raw, labels = load_images("digits", fused.preprocessing, split="val", limit=7, seed=3)
@@ -125,7 +129,7 @@ def test_folder_calibration_and_keep_float(tmp_path):
     info = quantize_onnx(model, out, calib=folder, keep_float=["stem", "head"], per_channel=False,
                          bake_preprocessing="uint8", eval_data=folder)
     assert info["quantization"]["kept_float_nodes"] == 2
-    assert info["quantization"]["weights"] == "int8 symmetric per-tensor"
+    assert info["quantization"]["weights"].endswith(" per-tensor")
     assert info["input_dtype"] == "uint8" and "agreement_pct" in info["eval"]
     assert count_ops(out, "Gemm") == 1  # the head stayed float (no QGemm-able QDQ around it)
 
@@ -172,3 +176,31 @@ def test_grey_builtin_calibration_feeds_an_rgb_model():
     assert x.shape == (5, 3, 24, 24) and y.shape == (5,)
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+@pytest.mark.parametrize("flags,arch,risk", [
+    ({"avx2"}, "x86_64", True),                         # AVX2 only (e.g. AMD EPYC Zen 2/3): vpmaddubsw saturates
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", False),
+    ({"avx2", "avx_vnni"}, "x86_64", False),
+    ({"avx2"}, "aarch64", False),
+    (set(), "x86_64", False),                           # no AVX2: not the vpmaddubsw kernels either
+])
+def test_int8_overflow_risk_follows_the_cpu_flags(monkeypatch, flags, arch, risk):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {f: f in flags for f in machine._FLAGS})
+    monkeypatch.setattr(machine.platform, "machine", lambda: arch)
+    assert int8_overflow_risk() is risk
+
+
+@pytest.mark.parametrize("u8", [False, True])
+def test_u8_weights_choice_is_applied_and_recorded(tmp_path, u8):
+    onnx = pytest.importorskip("onnx")
+    info = quantize_onnx(small_model(size=32), tmp_path / "q.onnx", calib="digits", num_calib=8, u8_weights=u8,
+                         input_size=(32, 32))
+    assert info["quantization"]["u8_weights"] is u8
+    g = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: i.data_type for i in g.graph.initializer}
+    weight_q = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and inits[n.input[0]] in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
+    assert weight_q, "no quantized weights found"
+    want = onnx.TensorProto.UINT8 if u8 else onnx.TensorProto.INT8
+    assert {inits[n.input[0]] for n in weight_q} == {want}

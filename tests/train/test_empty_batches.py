@@ -120,8 +120,21 @@ def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path):
     single = tmp_path / "single"
     train(tiny_config(f"data.dataset={root}", *SET), single)
     a = load_state(single)["model"]
-    for n in r0:
-        assert torch.allclose(a[n], r0[n], atol=2e-5, rtol=1e-4), n
+    # Compared with how far training moved the weights (init = the same run at lr 0), over the whole model:
+    # BatchNorm on the 1x1 maps of this 16x16 toy input, over 2 samples per micro-batch, amplifies float
+    # rounding (sums in another order) into per-tensor gaps of up to ~1e-4 absolute on some CPUs (seen on an
+    # AVX2-only AMD EPYC), while a sample-weighting error changes the update itself by tens of percent.
+    init = load_state(_train_at_lr0(root, tmp_path / "init"))["model"]
+    names = [n for n in r0 if r0[n].is_floating_point() and not n.endswith(("running_mean", "running_var"))]
+    moved = float(torch.stack([(a[n].double() - init[n].double()).norm() for n in names]).norm())
+    gap = float(torch.stack([(a[n].double() - r0[n].double()).norm() for n in names]).norm())
+    assert moved > 1e-3, "training did not move the weights; the comparison would be empty"
+    assert gap <= 0.02 * moved, f"1-process vs 2-process DDP weights differ by {gap:.3g} (update norm {moved:.3g})"
+
+
+def _train_at_lr0(root: Path, run: Path) -> Path:
+    train(tiny_config(f"data.dataset={root}", *SET, "optim.lr=0.0"), run)
+    return run
 
 
 def test_update_gradient_is_the_mean_over_the_images_read(tmp_path, monkeypatch):

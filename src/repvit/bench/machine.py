@@ -11,7 +11,8 @@ import torch
 
 from .timing import measure_interleaved
 
-__all__ = ["pin_threads", "machine_info", "cpu_flags", "matmul_peak", "matmul_candidates", "peak_from_stats"]
+__all__ = ["pin_threads", "machine_info", "cpu_flags", "matmul_peak", "matmul_candidates", "peak_from_stats",
+           "int8_overflow_risk"]
 
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
 
@@ -40,6 +41,21 @@ def native_bf16() -> bool:
     """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX); otherwise it is emulated."""
     f = cpu_flags()
     return f["avx512_bf16"] or f["amx_bf16"]
+
+
+def int8_overflow_risk() -> bool:
+    """True on an x86 CPU with AVX2 but no VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8).
+
+    There, INT8 GEMM/conv kernels multiply uint8 activations by int8 weights with ``vpmaddubsw``, which adds
+    pairs of products into a saturating int16: 255 * 127 * 2 overflows it. ONNX Runtime's remedy is 7-bit
+    weights (``reduce_range``), OpenVINO/NNCF's is its overflow fix on every layer. Seen here: a digits
+    model at 73 % fp32 fell to 21-34 % INT8 on an AVX2-only AMD EPYC, while the same code lost < 1 point
+    on a VNNI Xeon.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    f = cpu_flags()
+    return f["avx2"] and not (f["avx512_vnni"] or f["avx_vnni"] or f["amx_int8"])
 
 
 @contextlib.contextmanager

@@ -61,11 +61,14 @@ def _ignored_scope(ov_model: Any, groups: Sequence[str]) -> Any:
 
 
 def nncf_quantize(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, calib: np.ndarray, *,
-                  preset: str = "performance", keep_float: Sequence[str] = (), fast_bias_correction: bool = True) -> Path:
+                  preset: str = "performance", keep_float: Sequence[str] = (), fast_bias_correction: bool = True,
+                  overflow_fix: bool | None = None) -> Path:
     """Quantize an fp32 ONNX file with NNCF on ``calib`` (N x C x H x W, one sample per step) to OpenVINO IR.
 
     Writes ``out_xml`` and its ``.bin`` atomically (a temporary directory next to them, then rename;
     the ``.bin`` first, so a visible ``.xml`` always has its weights).
+    ``overflow_fix``: NNCF's int16-saturation fix on every layer, which x86 CPUs without VNNI need; ``None``
+    (default) turns it on when this CPU lacks VNNI (otherwise NNCF fixes only the first layer).
     """
     ov = require("openvino", "OpenVINO INT8 quantization")
     nncf = require("nncf", "OpenVINO INT8 quantization")
@@ -73,6 +76,9 @@ def nncf_quantize(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, cali
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if len(calib) < 1:
         raise ValueError("need at least one calibration image")
+    if overflow_fix is None:
+        from ..bench.machine import int8_overflow_risk
+        overflow_fix = int8_overflow_risk()
     out_xml = Path(out_xml)
     if out_xml.suffix != ".xml":
         raise ValueError(f"OpenVINO IR output must end in .xml (the weights go next to it in .bin), got {out_xml}")
@@ -85,6 +91,8 @@ def nncf_quantize(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, cali
             model, dataset, subset_size=len(calib), fast_bias_correction=fast_bias_correction,
             preset=nncf.QuantizationPreset.PERFORMANCE if preset == "performance" else nncf.QuantizationPreset.MIXED,
             ignored_scope=_ignored_scope(model, keep_float) if keep_float else None,
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                overflow_fix=nncf.OverflowFix.ENABLE if overflow_fix else nncf.OverflowFix.FIRST_LAYER),
         )
     parent = out_xml.parent if str(out_xml.parent) else Path(".")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out_xml.name}.", dir=parent))
@@ -149,7 +157,7 @@ def quantize_openvino(
     model: nn.Module, path: str | os.PathLike, *, calib: str | os.PathLike, input_size: tuple[int, int] | None = None,
     num_calib: int = 256, keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT, preset: str = "performance",
     bake_preprocessing: str | None = None, eval_data: str | os.PathLike | None = None, num_eval: int | None = 2000,
-    seed: int = 0, sidecar: bool = True, threads: int | None = None,
+    seed: int = 0, sidecar: bool = True, threads: int | None = None, overflow_fix: bool | None = None,
 ) -> dict[str, Any]:
     """Post-training static INT8 quantization of the fused ``model`` to OpenVINO IR at ``path`` (``.xml``).
 
@@ -160,6 +168,7 @@ def quantize_openvino(
     agreement go into the returned dict and the sidecar.
     The IR has a static batch of 1 (see ``DEFAULT_KEEP_FLOAT`` for why); for batched serving reshape it
     statically (``model.reshape([N, C, H, W])``) before compiling.
+    ``overflow_fix``: see :func:`nncf_quantize` (default: on when this x86 CPU lacks VNNI).
     """
     ov = require("openvino", "OpenVINO INT8 quantization")
     nncf = require("nncf", "OpenVINO INT8 quantization")
@@ -168,6 +177,9 @@ def quantize_openvino(
     out = check_writable(path)
     if out.suffix != ".xml":
         raise ValueError(f"OpenVINO IR output must end in .xml (weights go to .bin next to it), got {out}")
+    if overflow_fix is None:
+        from ..bench.machine import int8_overflow_risk
+        overflow_fix = int8_overflow_risk()
     fused = to_deploy(model)
     pre = get_preprocessing(fused, input_size)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
@@ -185,7 +197,8 @@ def quantize_openvino(
             fp32 = Path(td) / "fp32.onnx"
             export_onnx(fused, fp32, input_size=input_size, dynamic_batch=False, opset=20,
                         bake_preprocessing=bake_preprocessing, sidecar=False)
-            staged = nncf_quantize(fp32, stage / out.name, calib_in, preset=preset, keep_float=keep_float)
+            staged = nncf_quantize(fp32, stage / out.name, calib_in, preset=preset, keep_float=keep_float,
+                                   overflow_fix=overflow_fix)
             result: dict[str, Any] = {"int8_primitives": precision_summary(openvino_session(staged, threads=threads))}
             if eval_data is not None:
                 result["eval"] = compare_fp32_int8(evaluate_openvino(fp32, x, y, threads=threads),
@@ -202,6 +215,7 @@ def quantize_openvino(
             "activations": "int8 symmetric" if preset == "performance" else "uint8 asymmetric",
             "calibration": {"source": str(calib), "split": "train", "images": int(len(calib_in))},
             "kept_float": list(keep_float),
+            "overflow_fix": "all layers (for x86 CPUs without VNNI)" if overflow_fix else "first layer",
         },
         "dynamic_batch": False, "batch": 1, "input_layout": "NCHW", "preprocessing_baked": bool(bake_preprocessing),
         "input_dtype": "uint8" if bake_preprocessing == "uint8" else "float32",

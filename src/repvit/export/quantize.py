@@ -124,7 +124,7 @@ def quantize_onnx(
     model: nn.Module, path: str | os.PathLike, *, calib: str | os.PathLike, input_size: tuple[int, int] | None = None,
     num_calib: int = 256, per_channel: bool = True, keep_float: Sequence[str] = (), method: str = "minmax",
     symmetric_activations: bool = False, bake_preprocessing: str | None = None, eval_data: str | os.PathLike | None = None,
-    num_eval: int | None = 2000, opset: int = 20, seed: int = 0, sidecar: bool = True,
+    num_eval: int | None = 2000, opset: int = 20, seed: int = 0, sidecar: bool = True, u8_weights: bool | None = None,
 ) -> dict[str, Any]:
     """Post-training static INT8 quantization (ONNX Runtime, QDQ) of the fused ``model`` to ``path``.
 
@@ -135,6 +135,11 @@ def quantize_onnx(
     ``eval_data``: optional held-out set (``fashion-mnist``/``digits`` val split, or a class folder):
     top-1 of fp32 and INT8 and their agreement go into the returned dict and the sidecar.
     Activations are uint8 (asymmetric) and weights int8, ONNX Runtime's fast path on x86 (VNNI).
+    ``u8_weights``: uint8 (asymmetric) weights, so ONNX Runtime runs its U8U8 kernels, which x86 CPUs without
+    VNNI need: their uint8 x int8 kernels saturate an int16 and accuracy collapses (ORT's other remedy, 7-bit
+    ``reduce_range`` weights, lost 5.8 points on the digits probe vs 39.6 without and < 5 with U8U8).
+    ``None`` (default) turns it on when *this* CPU lacks VNNI (:func:`repvit.bench.machine.int8_overflow_risk`);
+    pass ``True`` when quantizing for such a target elsewhere.
     ``opset`` defaults to 20, where GELU is one ``Gelu`` node: at 18 it is a five-op Erf chain that
     stays float between QuantizeLinear/DequantizeLinear pairs and eats most of the INT8 gain.
     """
@@ -150,6 +155,9 @@ def quantize_onnx(
     if num_calib < 1:
         raise ValueError("num_calib must be at least 1")
     out = check_writable(path)
+    if u8_weights is None:
+        from ..bench.machine import int8_overflow_risk
+        u8_weights = int8_overflow_risk()
     fused = to_deploy(model)
     pre = get_preprocessing(fused, input_size)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
@@ -169,8 +177,9 @@ def quantize_onnx(
                 str(prep), str(tmp), _Reader(graph.graph.input[0].name, calib_in, 32),
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=_OPS, per_channel=per_channel,
                 activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-                weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=methods[method],
-                extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+                weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8, nodes_to_exclude=exclude,
+                calibrate_method=methods[method],
+                extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": not u8_weights},
             )
             onnx.checker.check_model(str(tmp))
             n_q = count_ops(tmp, "QuantizeLinear")
@@ -184,7 +193,10 @@ def quantize_onnx(
     info.update({
         "format": "onnx-int8", "opset": opset, "target": f"onnxruntime {ort.__version__} QDQ static INT8",
         "quantization": {
-            "format": "QDQ", "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
+            "format": "QDQ",
+            "weights": ("uint8 asymmetric " if u8_weights else "int8 symmetric ")
+                       + ("per-channel" if per_channel else "per-tensor"),
+            "u8_weights": bool(u8_weights),
             "activations": "int8 symmetric" if symmetric_activations else "uint8 asymmetric",
             "op_types": _OPS, "calibration": {"source": str(calib), "split": "train", "images": int(len(calib_in)),
                                               "method": method},
