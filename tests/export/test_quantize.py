@@ -204,3 +204,15 @@ def test_u8_weights_choice_is_applied_and_recorded(tmp_path, u8):
     assert weight_q, "no quantized weights found"
     want = onnx.TensorProto.UINT8 if u8 else onnx.TensorProto.INT8
     assert {inits[n.input[0]] for n in weight_q} == {want}
+
+
+def test_cli_no_vnni_target_overrides_the_cpu(digits_ckpt, tmp_path, capsys):
+    """``--no-vnni-target yes|no`` decides the weight type whatever this CPU is."""
+    m06_ckpt, _ = digits_ckpt
+    for choice, u8 in (("yes", True), ("no", False)):
+        out = tmp_path / f"q_{choice}.onnx"
+        rc = cli_main(["quantize", str(m06_ckpt), "--calib", "digits", "--num-calib", "8", "--input-size", "32", "32",
+                       "--no-vnni-target", choice, "--out", str(out), "--json"])
+        assert rc == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["quantization"]["u8_weights"] is u8

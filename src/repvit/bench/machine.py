@@ -47,10 +47,10 @@ def int8_overflow_risk() -> bool:
     """True on an x86 CPU with AVX2 but no VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8).
 
     There, INT8 GEMM/conv kernels multiply uint8 activations by int8 weights with ``vpmaddubsw``, which adds
-    pairs of products into a saturating int16: 255 * 127 * 2 overflows it. ONNX Runtime's remedy is 7-bit
-    weights (``reduce_range``), OpenVINO/NNCF's is its overflow fix on every layer. Seen here: a digits
-    model at 73 % fp32 fell to 21-34 % INT8 on an AVX2-only AMD EPYC, while the same code lost < 1 point
-    on a VNNI Xeon.
+    pairs of products into a saturating int16: 255 * 127 * 2 overflows it. The remedies used here: uint8
+    weights for ONNX Runtime (its U8U8 kernels), NNCF's overflow fix on every layer for OpenVINO. Seen here:
+    a digits probe at 73 % fp32 fell to 21-34 % INT8 on an AVX2-only AMD EPYC without them, while the same
+    code lost < 5 points on a VNNI Xeon.
     """
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False

@@ -69,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnxruntime: activation calibration method")
     q.add_argument("--opset", type=int, default=20,
                    help="onnxruntime: ONNX opset (default 20: GELU as one node, faster INT8)")
+    q.add_argument("--no-vnni-target", choices=("auto", "yes", "no"), default="auto",
+                   help="quantize for an x86 CPU without VNNI (AVX2 only), whose int8 kernels saturate an int16: "
+                        "uint8 weights (onnxruntime) / NNCF overflow fix on every layer (openvino); "
+                        "auto = when this CPU lacks VNNI")
     q.set_defaults(func=_quantize)
 
 
@@ -164,12 +168,13 @@ def _quantize(args: argparse.Namespace) -> int:
         keep_float = args.keep_float
     model = _load(args)
     size = tuple(args.input_size) if args.input_size else None
+    no_vnni = {"auto": None, "yes": True, "no": False}[args.no_vnni_target]
     if backend == "openvino":
         from .openvino_int8 import quantize_openvino
         info = quantize_openvino(model, out, calib=args.calib, input_size=size, num_calib=args.num_calib,
                                  keep_float=keep_float, preset=args.preset,
                                  bake_preprocessing=args.bake_preprocessing, eval_data=args.eval_data,
-                                 num_eval=args.num_eval)
+                                 num_eval=args.num_eval, overflow_fix=no_vnni)
         q = info["quantization"]
         prims = ", ".join(f"{n} {p}" for p, n in sorted(info["int8_primitives"].items()))
         lines = [f"wrote {out} + {info['weights_file']} (OpenVINO IR, NNCF {q['preset']} preset, calibrated on "
@@ -180,7 +185,7 @@ def _quantize(args: argparse.Namespace) -> int:
         info = quantize_onnx(
             model, out, calib=args.calib, input_size=size, num_calib=args.num_calib, per_channel=not args.per_tensor,
             keep_float=keep_float, method=args.method, bake_preprocessing=args.bake_preprocessing,
-            eval_data=args.eval_data, num_eval=args.num_eval, opset=args.opset,
+            eval_data=args.eval_data, num_eval=args.num_eval, opset=args.opset, u8_weights=no_vnni,
         )
         q = info["quantization"]
         lines = [f"wrote {out} (INT8 QDQ, {q['weights']} weights, {q['activations']} activations, "

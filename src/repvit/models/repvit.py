@@ -97,7 +97,7 @@ def small_map_depthwise_conv(
 ) -> torch.Tensor:
     """Depthwise conv (groups == channels, dilation 1, square kernel) as a per-channel matrix product.
 
-    Exact same function as ``F.conv2d(x, weight, bias, stride, pad, groups=C)``; its cost grows with
+    The same function as ``F.conv2d(x, weight, bias, stride, pad, groups=C)`` (up to float rounding); its cost grows with
     (H*W)^2, so it only pays off on tiny maps (see ``SMALL_MAP_PIXELS``).
     """
     n, c, h, w = x.shape
