@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,17 +30,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import repvit.models.repvit as rv  # noqa: E402
+from repvit.bench.machine import machine_info  # noqa: E402
 from repvit.models import build_model  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from repvit.utils.files import atomic_write_text  # noqa: E402
 
 
 def median_spread(ts: list[float]) -> dict:
@@ -111,9 +102,9 @@ def step(args) -> dict:
 
 def render(res: dict) -> str:
     m = res["machine"]
-    out = [f"Machine: {m['cpu']}, {m['threads']} thread(s), torch {m['torch']}; batch {res['batch']}, "
-           f"input {res['res']}x{res['res']}, {res['rounds']} interleaved rounds; load {m['load_start']} -> "
-           f"{m['load_end']}", "",
+    out = [f"Machine: {m['cpu_model']}, {m['threads']} thread(s), torch {m['torch']}; batch {res['batch']}, "
+           f"input {res['res']}x{res['res']}, {res['rounds']} interleaved rounds; load "
+           f"{m.get('load_avg_1m_start')} -> {m.get('load_avg_1m_end')}", "",
            "| depthwise 3x3 fwd+bwd | plain ms (min..max) | small-map ms (min..max) | speed-up (range) |",
            "|---|---|---|---|"]
     for r in res["layers"]:
@@ -138,18 +129,15 @@ def main() -> int:
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results" / "small_map_dwconv"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res = {"batch": args.batch, "res": args.res, "rounds": args.rounds,
-           "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
-                       "load_start": round(os.getloadavg()[0], 2)}}
+    res = {"batch": args.batch, "res": args.res, "rounds": args.rounds, "machine": machine_info(args.threads)}
     res["layers"] = layers(args)
     res["step"] = step(args)
-    res["machine"]["load_end"] = round(os.getloadavg()[0], 2)
+    if hasattr(os, "getloadavg"):
+        res["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("small_map_dwconv.json", json.dumps(res, indent=2)), ("small_map_dwconv.md", render(res))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    atomic_write_text(out / "small_map_dwconv.json", json.dumps(res, indent=2))
+    atomic_write_text(out / "small_map_dwconv.md", render(res))
     print(render(res))
     return 0
 
