@@ -191,6 +191,15 @@ def test_int8_overflow_risk_follows_the_cpu_flags(monkeypatch, flags, arch, risk
     assert int8_overflow_risk() is risk
 
 
+@pytest.mark.parametrize("cpu_risk", [False, True])
+def test_resolve_no_vnni_explicit_choice_wins_none_follows_the_cpu(monkeypatch, cpu_risk):
+    """The exporters' shared default: ``None`` asks this CPU, ``True``/``False`` are kept whatever the CPU."""
+    monkeypatch.setattr(machine, "int8_overflow_risk", lambda: cpu_risk)
+    assert machine.resolve_no_vnni(None) is cpu_risk
+    assert machine.resolve_no_vnni(True) is True
+    assert machine.resolve_no_vnni(False) is False
+
+
 @pytest.mark.parametrize("u8", [False, True])
 def test_u8_weights_choice_is_applied_and_recorded(tmp_path, u8):
     onnx = pytest.importorskip("onnx")

@@ -12,7 +12,7 @@ import torch
 from .timing import measure_interleaved
 
 __all__ = ["pin_threads", "machine_info", "cpu_flags", "matmul_peak", "matmul_candidates", "peak_from_stats",
-           "int8_overflow_risk"]
+           "int8_overflow_risk", "resolve_no_vnni"]
 
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
 
@@ -56,6 +56,15 @@ def int8_overflow_risk() -> bool:
         return False
     f = cpu_flags()
     return f["avx2"] and not (f["avx512_vnni"] or f["avx_vnni"] or f["amx_int8"])
+
+
+def resolve_no_vnni(flag: bool | None) -> bool:
+    """An explicit "the target lacks VNNI" choice, or ``None`` = decide from *this* CPU (:func:`int8_overflow_risk`).
+
+    The one place where the INT8 exporters (ONNX Runtime uint8 weights, NNCF's overflow fix) resolve their
+    default, so ``repvit quantize --no-vnni-target auto|yes|no`` means the same for every backend.
+    """
+    return int8_overflow_risk() if flag is None else bool(flag)
 
 
 @contextlib.contextmanager

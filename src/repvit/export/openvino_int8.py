@@ -76,9 +76,8 @@ def nncf_quantize(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, cali
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if len(calib) < 1:
         raise ValueError("need at least one calibration image")
-    if overflow_fix is None:
-        from ..bench.machine import int8_overflow_risk
-        overflow_fix = int8_overflow_risk()
+    from ..bench.machine import resolve_no_vnni      # lazy: importing repvit.bench loads the harness
+    overflow_fix = resolve_no_vnni(overflow_fix)
     out_xml = Path(out_xml)
     if out_xml.suffix != ".xml":
         raise ValueError(f"OpenVINO IR output must end in .xml (the weights go next to it in .bin), got {out_xml}")
@@ -177,9 +176,8 @@ def quantize_openvino(
     out = check_writable(path)
     if out.suffix != ".xml":
         raise ValueError(f"OpenVINO IR output must end in .xml (weights go to .bin next to it), got {out}")
-    if overflow_fix is None:
-        from ..bench.machine import int8_overflow_risk
-        overflow_fix = int8_overflow_risk()
+    from ..bench.machine import resolve_no_vnni      # lazy: importing repvit.bench loads the harness
+    overflow_fix = resolve_no_vnni(overflow_fix)
     fused = to_deploy(model)
     pre = get_preprocessing(fused, input_size)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)

@@ -155,9 +155,8 @@ def quantize_onnx(
     if num_calib < 1:
         raise ValueError("num_calib must be at least 1")
     out = check_writable(path)
-    if u8_weights is None:
-        from ..bench.machine import int8_overflow_risk
-        u8_weights = int8_overflow_risk()
+    from ..bench.machine import resolve_no_vnni      # lazy: importing repvit.bench loads the harness
+    u8_weights = resolve_no_vnni(u8_weights)
     fused = to_deploy(model)
     pre = get_preprocessing(fused, input_size)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
