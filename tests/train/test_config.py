@@ -11,7 +11,7 @@ import yaml
 
 from repvit.models import list_models
 from repvit.train.config import TrainConfig, apply_overrides, config_from_dict, dump_yaml
-from repvit.train.recipes import IMAGENET_VARIANTS, list_recipes, load_recipe
+from repvit.train.recipes import IMAGENET_VARIANTS, list_recipes, load_recipe, recipe_dict
 
 
 REF = Path("/work/shared/reference/repvit_reference.json")
@@ -76,6 +76,41 @@ def test_fashion_mnist_48_is_the_documented_48x48_benchmark_run():
         "data.img_size=48", "run.batch_size=256", "run.global_batch=256", "optim.lr=0.003", "run.threads=2",
         "schedule.epochs=12", "schedule.warmup_epochs=0.6", "run.keep_last=2"])
     assert load_recipe("fashion_mnist_48") == bench
+
+
+def test_base_inherits_a_recipe_and_replaces_only_the_keys_it_names(tmp_path):
+    """A ``base:`` recipe keeps every value of its parent it does not mention, section by section."""
+    (tmp_path / "ft.yaml").write_text(
+        "description: fine-tune the official M0.9 recipe on a folder\n"
+        "base: repvit_m0_9_300e\n"
+        "data: {dataset: /data/flowers, img_size: 160}\n"
+        "schedule: {epochs: 30}\n")
+    got = load_recipe(str(tmp_path / "ft.yaml"))
+    want = apply_overrides(load_recipe("repvit_m0_9_300e"),
+                           ["data.dataset=/data/flowers", "data.img_size=160", "schedule.epochs=30"])
+    assert got == want
+    assert got.schedule.warmup_epochs == 5 and got.data.interpolation == "bicubic"  # inherited, not reset
+    # a base named by a relative path resolves against the file that names it, and chains
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "ft2.yaml").write_text("base: ../ft.yaml\nschedule: {epochs: 10}\n")
+    assert load_recipe(str(tmp_path / "sub" / "ft2.yaml")) == apply_overrides(got, ["schedule.epochs=10"])
+    assert recipe_dict(str(tmp_path / "sub" / "ft2.yaml")).get("description") is None  # not inherited
+
+
+def test_base_errors_name_the_file_and_the_problem(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match=r"cycle \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_recipe(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: fashion_mnist_fulll\n")
+    with pytest.raises(ValueError, match="c.yaml, base 'fashion_mnist_fulll'.*Did you mean fashion_mnist_full"):
+        load_recipe(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: [digits]\n")
+    with pytest.raises(ValueError, match="'base:' must name a recipe"):
+        load_recipe(str(tmp_path / "d.yaml"))
+    (tmp_path / "e.yaml").write_text("base: digits\noptim: {lrr: 0.1}\n")
+    with pytest.raises(ValueError, match="e.yaml.*Did you mean optim.lr"):
+        load_recipe(str(tmp_path / "e.yaml"))
 
 
 def test_set_overrides_and_errors():

@@ -18,7 +18,7 @@ from .config import (
     load_yaml,
 )
 
-__all__ = ["list_recipes", "recipe_path", "load_recipe", "official_recipe", "write_official_recipes",
+__all__ = ["list_recipes", "recipe_path", "recipe_dict", "load_recipe", "official_recipe", "write_official_recipes",
            "IMAGENET_VARIANTS", "DEFAULT_RECIPE"]
 
 IMAGENET_VARIANTS = ("repvit_m0_6", "repvit_m0_9", "repvit_m1_0", "repvit_m1_1", "repvit_m1_5", "repvit_m2_3",
@@ -50,11 +50,54 @@ def recipe_path(name_or_path: str) -> Path:
     return shipped
 
 
-def load_recipe(name_or_path: str | None = None) -> TrainConfig:
-    """Parse and validate a recipe (default: the built-in Fashion-MNIST one)."""
+def _merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``, section by section (a child section replaces only the keys it names)."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def recipe_dict(name_or_path: str | None = None, _seen: tuple[str, ...] = ()) -> dict:
+    """A recipe as a plain dict with its ``base:`` chain resolved (no validation yet).
+
+    ``base: NAME_OR_YAML`` starts from another recipe - a shipped name, or a path relative to the file that
+    names it - so a variation states only what it changes (e.g. ``base: repvit_m0_9_300e`` plus a ``data:``
+    section to fine-tune the official recipe on your own folder).
+    """
     path = recipe_path(name_or_path or DEFAULT_RECIPE)
+    key = str(path.resolve())
+    if key in _seen:
+        chain = " -> ".join(Path(s).name for s in (*_seen, key))
+        raise ValueError(f"recipe {path.name}: 'base:' forms a cycle ({chain}); make one of them stand alone")
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path.name}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(f"recipe {path.name}: 'base:' must name a recipe or a YAML path, got {base!r}")
+    relative = path.parent / base
+    if Path(base).suffix in (".yaml", ".yml") and not Path(base).is_absolute() and relative.is_file():
+        base = str(relative)
     try:
-        return config_from_dict(load_yaml(path))
+        parent = recipe_dict(base, (*_seen, key))
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"recipe {path.name}, base {base!r}: {e}") from e
+    parent.pop("description", None)  # a variation's description is its own (or none)
+    return _merge(parent, data)
+
+
+def load_recipe(name_or_path: str | None = None) -> TrainConfig:
+    """Parse and validate a recipe (default: the built-in Fashion-MNIST one), following ``base:``."""
+    path = recipe_path(name_or_path or DEFAULT_RECIPE)
+    data = recipe_dict(name_or_path)
+    try:
+        return config_from_dict(data)
     except ValueError as e:
         raise ValueError(f"recipe {path.name}: {e}") from e
 
