@@ -8,7 +8,7 @@ Parts (all written to OUT/fashion_mnist.json and OUT/fashion_mnist.md):
   reparam   RepViT-M0.9 with vs without the training-time re-param branches (1x1 + identity)
   distill   a larger teacher (RepViT-M1.5) trained first, then M0.9 hard-distilled from it vs no distillation
   speed     training images/s of our RepViT-M0.9 vs timm's repvit_m0_9 in the same loop (ratio), and the
-            effect of channels_last and bf16 autocast on this CPU
+            effect of channels_last and bf16 autocast on this CPU (and of torch.compile with --speed-compile)
 
 Resolution (--res): the stem downsamples by 4 and the net by 32, so 28x28 would leave a 7x7 map after the stem
 and uneven strides (7, 4, 2, 1). 32x32 (28x28 upsampled bilinearly; in training then zero-padded by 2 and
@@ -288,7 +288,7 @@ def merge_progress(per_arm: list[list[dict]]) -> list[dict]:
 
 
 def speed(args, log) -> dict:
-    """Training images/s: ours vs timm's RepViT-M0.9, and channels_last / bf16 effects (median of rounds)."""
+    """Training images/s: ours vs timm's RepViT-M0.9, and channels_last / bf16 / compile effects (median of rounds)."""
     import timm
     x = torch.randn(args.batch, 1, args.res, args.res)
     y = torch.randint(0, 10, (args.batch,))
@@ -311,15 +311,23 @@ def speed(args, log) -> dict:
     configs = {"ours": ("ours", False, False), "timm": ("timm", False, False),
                "ours_channels_last": ("ours", True, False), "ours_bf16": ("ours", False, True),
                "ours_channels_last_bf16": ("ours", True, True), "timm_channels_last": ("timm", True, False)}
+    if args.speed_compile:
+        configs["ours_channels_last_compile"] = ("ours", True, False)
     models = {}
     for name, (kind, cl, _) in configs.items():
         m, opt = make(kind)
         if cl:
             m.to(memory_format=torch.channels_last)
-        models[name] = (m, opt)
+        # the compiled arm shares nothing with the eager ones; its parameters live in the wrapped module
+        models[name] = (torch.compile(m), opt) if name.endswith("_compile") else (m, opt)
     times: dict[str, list[float]] = {k: [] for k in configs}
-    for name, (m, opt) in models.items():          # warm-up
-        step(m, opt, configs[name][1], configs[name][2])
+    compile_s = None
+    for name, (m, opt) in models.items():          # warm-up (the compiled arm compiles here: timed separately)
+        t0 = time.perf_counter()
+        for _ in range(2 if name.endswith("_compile") else 1):
+            step(m, opt, configs[name][1], configs[name][2])
+        if name.endswith("_compile"):
+            compile_s = round(time.perf_counter() - t0, 1)
     for r in range(args.speed_rounds):              # interleaved rounds, order rotated each round
         names = list(configs)
         names = names[r % len(names):] + names[:r % len(names)]
@@ -337,6 +345,11 @@ def speed(args, log) -> dict:
     out["ratio_channels_last_ours"] = round(statistics.median(times["ours"]) /
                                             statistics.median(times["ours_channels_last"]), 3)
     out["ratio_bf16_ours"] = round(statistics.median(times["ours"]) / statistics.median(times["ours_bf16"]), 3)
+    if "ours_channels_last_compile" in times:
+        r = [e / c for e, c in zip(times["ours_channels_last"], times["ours_channels_last_compile"])]
+        out["ratio_compile_ours_channels_last"] = {"median": round(statistics.median(r), 3),
+                                                   "min": round(min(r), 3), "max": round(max(r), 3)}
+        out["compile_warmup_s"] = compile_s
     log(f"speed: {json.dumps(out)}")
     return out
 
@@ -358,6 +371,8 @@ def main() -> int:
                          "(e.g. --set aug.reprob=0); repeatable, recorded in the results")
     ap.add_argument("--parts", default="speed,main,reparam,distill")
     ap.add_argument("--speed-rounds", type=int, default=7)
+    ap.add_argument("--speed-compile", action="store_true",
+                    help="speed part: add a torch.compile'd channels_last arm (compiles for a few minutes on CPU)")
     ap.add_argument("--main-models", default="repvit_m0_9,mobilenetv3_large_100",
                     help="models of the main comparison (ours for RepViT names, timm's otherwise)")
     ap.add_argument("--parallel", action="store_true",
@@ -556,6 +571,9 @@ def render_md(r: dict) -> str:
         out.append("")
         out.append(f"ours / timm speed ratio: {sp['ratio_ours_over_timm']}; channels_last speed-up "
                    f"{sp['ratio_channels_last_ours']}x; bf16 speed-up {sp['ratio_bf16_ours']}x")
+        if "ratio_compile_ours_channels_last" in sp:
+            out.append(f"torch.compile speed-up over eager channels_last: {sp['ratio_compile_ours_channels_last']} "
+                       f"(compile + first steps {sp['compile_warmup_s']} s, not in the medians)")
     return "\n".join(out) + "\n"
 
 
