@@ -163,3 +163,21 @@ def test_cpu_autocast_follows_native_bf16():
         assert _resolve_amp(cfg, cpu, logs.append, native_bf16=native) == want, (asked, native)
         assert (said is None and not logs) or (said is not None and said in logs[0]), (asked, native, logs)
     assert _resolve_amp(apply_overrides(TrainConfig(), ["run.amp=fp16"]), cuda, print, native_bf16=False) == "fp16"
+
+
+def test_autocast_ctx_uses_the_resolved_dtype_without_remapping():
+    """autocast_ctx takes an already-resolved mode: fp16 is fp16 even on CPU (the CPU remapping lives only in
+    resolve_amp, so evaluate() and the training loop agree); unknown modes are an error, not a silent default."""
+    from repvit.train.evaluate import autocast_ctx, resolve_amp
+    cpu = torch.device("cpu")
+    for mode, dtype in [("fp16", torch.float16), ("bf16", torch.bfloat16)]:
+        with autocast_ctx(cpu, mode):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+    with autocast_ctx(cpu, "none"):
+        assert not torch.is_autocast_enabled("cpu")
+    for bad in ("fp8", "float16"):
+        with pytest.raises(ValueError, match="none, bf16, fp16"):
+            autocast_ctx(cpu, bad)
+        with pytest.raises(ValueError, match="none, bf16, fp16"):
+            resolve_amp(bad, cpu)
+    assert resolve_amp("fp16", cpu, native_bf16=False) == "none"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -14,13 +14,44 @@ from repvit.data import build_data, shard_range, skip_none_collate
 
 from .dist import all_reduce_sum
 
-__all__ = ["evaluate", "evaluate_checkpoint", "autocast_ctx"]
+__all__ = ["evaluate", "evaluate_checkpoint", "autocast_ctx", "resolve_amp"]
+
+
+def resolve_amp(amp: str, device: torch.device, log: Callable[[str], None] | None = None,
+                native_bf16: bool | None = None) -> str:
+    """The autocast mode actually used for ``amp`` in {"none", "bf16", "fp16"} on ``device``.
+
+    On CPU fp16 means bf16 - where the CPU computes bf16 natively; without AVX512-BF16/AMX bf16 is emulated (0.04x
+    the float32 speed measured on an AVX2 EPYC, docs/training.md), so fp16 falls back to float32 there and an explicit
+    bf16 is kept but warned about. GPUs keep what was asked."""
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be one of none, bf16, fp16; got {amp!r}")
+    if device.type != "cpu" or amp == "none":
+        return amp
+    log = log or (lambda msg: None)
+    if native_bf16 is None:
+        from repvit.bench.machine import native_bf16 as probe
+        native_bf16 = probe()
+    if amp == "fp16":
+        if native_bf16:
+            log("note: fp16 autocast is not useful on CPU; using bf16 instead (set run.amp=none for float32)")
+            return "bf16"
+        log("note: fp16 autocast is not useful on CPU and this CPU has no native bf16 (AVX512-BF16/AMX), where "
+            "bf16 is emulated and many times slower; using float32 (set run.amp=none to silence this)")
+        return "none"
+    if not native_bf16:
+        log("warning: run.amp=bf16 on a CPU without native bf16 (AVX512-BF16/AMX): bf16 is emulated and many "
+            "times slower than float32 here; set run.amp=none")
+    return amp
 
 
 def autocast_ctx(device: torch.device, amp: str):
+    """Autocast for an already-resolved ``amp`` (see :func:`resolve_amp`): exactly the dtype named, no remapping."""
     if amp == "none":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" or device.type == "cpu" else torch.float16
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None:
+        raise ValueError(f"amp must be one of none, bf16, fp16; got {amp!r}")
     return torch.autocast(device.type, dtype=dtype)
 
 
@@ -28,7 +59,10 @@ def autocast_ctx(device: torch.device, amp: str):
 def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int = 256, amp: str = "none",
              channels_last: bool = False, num_workers: int = 0, world_size: int = 1, rank: int = 0,
              collate=skip_none_collate) -> dict[str, float]:
-    """Top-1 / top-5 (percent) and mean CE loss over ``dataset``; each rank takes a shard, counts are summed."""
+    """Top-1 / top-5 (percent) and mean CE loss over ``dataset``; each rank takes a shard, counts are summed.
+
+    ``amp`` is resolved with :func:`resolve_amp` (on a CPU without native bf16, fp16 evaluates in float32)."""
+    amp = resolve_amp(amp, device)
     was_training = model.training
     model.eval()
     shard = Subset(dataset, list(shard_range(len(dataset), world_size, rank)))

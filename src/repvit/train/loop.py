@@ -57,7 +57,7 @@ from .distill import (
     precompute_teacher_logits,
     teacher_targets,
 )
-from .evaluate import autocast_ctx, evaluate
+from .evaluate import autocast_ctx, evaluate, resolve_amp
 
 __all__ = ["train", "NonFiniteLossError", "TrainResult", "build_optimization"]
 
@@ -172,25 +172,8 @@ def build_optimization(cfg: TrainConfig, model: nn.Module, *, world_size: int, u
 
 
 def _resolve_amp(cfg: TrainConfig, device: torch.device, log, native_bf16: bool | None = None) -> str:
-    """The autocast dtype actually used. On CPU fp16 means bf16 - where the CPU computes bf16 natively; without
-    AVX512-BF16/AMX bf16 is emulated (0.04x the float32 speed measured on an AVX2 EPYC, docs/training.md)."""
-    amp = cfg.run.amp
-    if device.type != "cpu" or amp == "none":
-        return amp
-    if native_bf16 is None:
-        from ..bench.machine import native_bf16 as probe
-        native_bf16 = probe()
-    if amp == "fp16":
-        if native_bf16:
-            log("note: fp16 autocast is not useful on CPU; using bf16 instead (set run.amp=none for float32)")
-            return "bf16"
-        log("note: fp16 autocast is not useful on CPU and this CPU has no native bf16 (AVX512-BF16/AMX), where "
-            "bf16 is emulated and many times slower; training in float32 (set run.amp=none to silence this)")
-        return "none"
-    if not native_bf16:
-        log("warning: run.amp=bf16 on a CPU without native bf16 (AVX512-BF16/AMX): bf16 is emulated and many "
-            "times slower than float32 here; set run.amp=none")
-    return amp
+    """The autocast mode the run uses (see :func:`repvit.train.evaluate.resolve_amp`)."""
+    return resolve_amp(cfg.run.amp, device, log, native_bf16)
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
