@@ -61,6 +61,9 @@ def test_run_bench_produces_documented_fields():
     assert res["results"][0]["published_top1"] is not None and res["results"][0]["top1_source"]
     # the features-only backbone has no classifier: fewer parameters than the classifier model
     assert res["downstream"][0]["params"] < res["results"][0]["params"]
+    # same input size for both groups: the backbone must still get its own exported file, not the classifier's
+    ort = [r["model_file"] for r in res["results"] + res["downstream"] if r["runtime"] == "onnxruntime"]
+    assert len(ort) == 2 and ort[0] != ort[1], ort
     assert res["targets"] == {}  # the targets are about RepViT-M0.9, which this run did not time
 
 

@@ -131,7 +131,36 @@ def test_folder_calibration_and_keep_float(tmp_path):
     assert info["quantization"]["kept_float_nodes"] == 2
     assert info["quantization"]["weights"].endswith(" per-tensor")
     assert info["input_dtype"] == "uint8" and "agreement_pct" in info["eval"]
+    # a folder is read whole (no split), and using it for both calibration and evaluation is flagged
+    assert info["eval"]["split"] is None and info["quantization"]["calibration"]["split"] is None
+    assert info["eval"]["overlaps_calibration"] is True
     assert count_ops(out, "Gemm") == 1  # the head stayed float (no QGemm-able QDQ around it)
+
+
+def test_folder_images_for_a_grey_model_skip_hidden_folders(tmp_path):
+    """A 1-channel model reads a folder as grey images (one mean/std value, not three), and a hidden folder such as
+    .ipynb_checkpoints is neither a class nor a source of images (as in training's folder reader)."""
+    pil = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "imgs"
+    for cls in (".ipynb_checkpoints", "a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(2):
+            arr = np.random.RandomState(i).randint(0, 255, (30, 30, 3), dtype=np.uint8)
+            pil.fromarray(arr).save(folder / cls / f"{i}.png")
+    pre = {"input_size": [1, 24, 24], "mean": [0.5], "std": [0.5], "interpolation": "bilinear", "crop_pct": 1.0}
+    x, y = load_images(folder, pre)
+    assert x.shape == (4, 1, 24, 24) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert y.tolist() == [0, 0, 1, 1]
+
+
+def test_prepare_inputs_true_means_float_as_in_export():
+    """bake_preprocessing=True exports a 0..1 float input (export_onnx); the calibration/eval feed must match."""
+    from repvit.export.quantize import prepare_inputs
+    raw = torch.rand(2, 3, 8, 8)
+    pre = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    assert np.array_equal(prepare_inputs(raw, pre, True), prepare_inputs(raw, pre, "float"))
+    assert np.array_equal(prepare_inputs(raw, pre, "float"), raw.numpy())
+    assert np.allclose(prepare_inputs(raw, pre, None), ((raw - 0.5) / 0.25).numpy())
 
 
 def test_calibration_errors(tmp_path, m06):

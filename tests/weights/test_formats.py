@@ -167,6 +167,29 @@ def test_our_format_carries_metadata(tmp_path):
     assert back.in_chans == 1 and back.preprocessing == m.preprocessing
 
 
+def test_training_checkpoint_carries_the_runs_preprocessing(tmp_path):
+    """last.pt / checkpoint-epoch*.pt keep the data's preprocessing under data_info: a model (and so an export or
+    INT8 calibration) built from them normalises as the run did, not with the ImageNet defaults."""
+    m = repvit.create_model("repvit_m0_6", in_chans=1, num_classes=10)
+    pre = {"input_size": [1, 48, 48], "mean": [0.286], "std": [0.353], "interpolation": "bilinear", "crop_pct": 1.0}
+    torch.save({"model": m.state_dict(), "ema": None, "epoch": 3,
+                "data_info": {"num_classes": 10, "in_chans": 1, "preprocessing": pre}}, tmp_path / "last.pt")
+    assert read_checkpoint(tmp_path / "last.pt").metadata["preprocessing"] == pre
+    back = repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "last.pt")
+    assert back.preprocessing == pre
+
+
+def test_our_format_refuses_a_pickle_suffix(tmp_path):
+    """format 'repvit' is safetensors with metadata: a .pth name would silently drop variant/form/preprocessing."""
+    m = repvit.create_model("repvit_m0_6", num_classes=10)
+    for name in ("m.pth", "m.pt", "m.bin"):
+        with pytest.raises(ValueError, match="safetensors"):
+            repvit.save_checkpoint(m, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    repvit.save_checkpoint(m, tmp_path / "m.pth", format="timm")   # a plain timm state dict is fine as .pth
+    assert read_checkpoint(tmp_path / "m.pth").source_format == "timm"
+
+
 def test_features_only_loads_backbone_from_classifier_checkpoint(tmp_path):
     src = randomize_bn(repvit.create_model("repvit_m1_1", distillation=True)).eval()
     repvit.save_checkpoint(src, tmp_path / "c.safetensors")

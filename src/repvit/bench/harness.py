@@ -13,7 +13,8 @@ JSON written by :func:`run_bench` (``schema: repvit.bench/1``):
                 status ("ok" | "unavailable" | "error"), reason, fused, params, macs, macs_counter,
                 latency_ms {median, p10, p90, mean, std, min, max, spread, n, round_medians},
                 gflops (2*MACs/median), peak_fraction (vs the matmul peak of the row's dtype),
-                published_top1, top1_source, input_size, exporter, note
+                published_top1, top1_source, input_size, exporter, note,
+                model_file (the exported file timed, ONNX Runtime / OpenVINO rows)
     downstream  same rows for features-only backbones at downstream_size (paper: 512x512)
     ratios      list of {name, a, b, ratio, min, max, rounds}: per-round paired ratios
     targets     the issue's targets evaluated on this run (value, target, met)
@@ -63,7 +64,9 @@ def _measure_group(
             for rt in runtimes:
                 rows.append({**base, "runtime": rt, "status": "error", "reason": f"build: {type(ex).__name__}: {ex}"})
             continue
-        tag = f"{e.key.replace(':', '_')}_{size[0]}"
+        # the exported files are cached under this tag: it must tell the classifier from the features-only
+        # backbone, or downstream rows at the classifier's size would time the classifier's file
+        tag = f"{e.key.replace(':', '_')}_{size[0]}x{size[1]}" + ("_feat" if features_only else "")
         for rt in runtimes:
             row = {**base, "runtime": rt, "status": "ok"}
             log(f"  preparing {e.key} / {rt}")

@@ -189,11 +189,13 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
                             raise RuntimeUnavailable(
                                 f"INT8 quantisation failed: {type(e).__name__}: {str(e)[:200]}") from e
                         facts["note"] = "static QDQ int8 (opset 18 graph), random calibration (speed only)"
+            facts["model_file"] = path.name
             sess = _ort_session(path, threads)
             feed = {sess.get_inputs()[0].name: xn}
             return (lambda: sess.run(None, feed)), facts
         if runtime == "openvino_int8":
             onnx_path = _openvino_int8(model, onnx_path, workdir / f"{tag}.ov_int8.xml", example, facts)
+        facts["model_file"] = Path(onnx_path).name
         return _openvino(onnx_path, xn, threads, bf16=runtime == "openvino_bf16", facts=facts)
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
 

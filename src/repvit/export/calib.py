@@ -98,15 +98,21 @@ def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}; "
                          "pass a folder of images or a built-in dataset name (fashion-mnist, digits)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    # same rule as training's folder reader (data/folder.py): hidden folders such as .ipynb_checkpoints are
+    # not classes, or every label after them would shift by one
+    files = [f for f in files if not any(part.startswith(".") for part in f.relative_to(root).parts)]
+    if not files:
+        raise ValueError(f"no images found under {root} outside hidden folders")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     labelled = bool(classes) and all(f.parent != root for f in files)
     if limit and len(files) > limit:  # a seeded random subset, not the first folders only
         pick = np.random.RandomState(seed).permutation(len(files))[:limit]
         files = [files[i] for i in sorted(pick)]
     c, h, w = pre["input_size"]
     # resize + centre crop as at evaluation, no normalisation (raw 0..1); timm does the PIL work
-    tf = create_transform((c if c == 1 else 3, h, w), is_training=False, interpolation=pre.get("interpolation", "bicubic"),
-                          crop_pct=float(pre.get("crop_pct", 0.875)), mean=(0.0,) * 3, std=(1.0,) * 3)
+    k = 1 if c == 1 else 3  # Normalize's mean/std must have one value per channel of the image it gets
+    tf = create_transform((k, h, w), is_training=False, interpolation=pre.get("interpolation", "bicubic"),
+                          crop_pct=float(pre.get("crop_pct", 0.875)), mean=(0.0,) * k, std=(1.0,) * k)
     xs, ys = [], []
     for f in files:
         try:
@@ -150,6 +156,19 @@ def load_images(
         x, y = x[idx], y[idx]
     t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)[:, None]
     return _to_model_input(t, c, h, w), torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def source_facts(source: str | os.PathLike, split: str, calib: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a sidecar says about an image source: its split (built-in datasets only; a folder is read whole) and,
+    for a held-out set, whether it is the calibration folder itself (then its INT8 accuracy is optimistic)."""
+    facts: dict[str, Any] = {"source": str(source)}
+    if Path(source).is_dir():
+        facts["split"] = None
+        if calib is not None and Path(calib).is_dir() and Path(calib).resolve() == Path(source).resolve():
+            facts["overlaps_calibration"] = True
+    else:
+        facts["split"] = split
+    return facts
 
 
 def normalise(x: torch.Tensor, pre: dict[str, Any]) -> torch.Tensor:

@@ -199,6 +199,9 @@ def _quantize(args: argparse.Namespace) -> int:
                          f"prediction agreement {e['agreement_pct']:.1f}%")
         else:
             lines.append(f"held-out {e['source']}: prediction agreement with fp32 {e['agreement_pct']:.1f}%")
+        if e.get("overlaps_calibration"):
+            lines.append("warning: the held-out folder is the calibration folder, so these numbers are optimistic; "
+                         "pass --eval a folder of other images")
     lines.append(f"sidecar: {info['sidecar']}")
     _print(info, args, lines)
     return 0

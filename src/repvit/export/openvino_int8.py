@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
-from .calib import load_images
+from .calib import load_images, source_facts
 from .common import check_writable, get_preprocessing, model_info, require, sha256_of, write_sidecar
 from .onnx_export import export_onnx
 from .quantize import check_keep_float, classification_result, compare_fp32_int8, prepare_inputs
@@ -201,7 +201,7 @@ def quantize_openvino(
             if eval_data is not None:
                 result["eval"] = compare_fp32_int8(evaluate_openvino(fp32, x, y, threads=threads),
                                                    evaluate_openvino(staged, x, y, threads=threads),
-                                                   eval_data, y is not None)
+                                                   eval_data, y is not None, calib)
         _publish_ir(staged, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -211,7 +211,7 @@ def quantize_openvino(
         "quantization": {
             "tool": "nncf", "preset": preset, "weights": "int8 symmetric per-channel",
             "activations": "int8 symmetric" if preset == "performance" else "uint8 asymmetric",
-            "calibration": {"source": str(calib), "split": "train", "images": int(len(calib_in))},
+            "calibration": {**source_facts(calib, "train"), "images": int(len(calib_in))},
             "kept_float": list(keep_float),
             "overflow_fix": "all layers (for x86 CPUs without VNNI)" if overflow_fix else "first layer",
         },

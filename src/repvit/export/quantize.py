@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calib import load_images, normalise
+from .calib import load_images, normalise, source_facts
 from .common import atomic_output, check_writable, get_preprocessing, model_info, require, write_sidecar
 from .onnx_export import count_ops, export_onnx, ort_session
 from .source import to_deploy
@@ -65,8 +65,12 @@ def sensitive_nodes(onnx_model: Any, groups: Iterable[str]) -> list[str]:
     return sorted(set(names))
 
 
-def prepare_inputs(raw: torch.Tensor, pre: dict[str, Any], bake: str | None) -> np.ndarray:
-    """Raw 0..1 images -> what the graph's input expects (normalised float, 0..1 float or uint8)."""
+def prepare_inputs(raw: torch.Tensor, pre: dict[str, Any], bake: str | bool | None) -> np.ndarray:
+    """Raw 0..1 images -> what the graph's input expects (normalised float, 0..1 float or uint8).
+
+    ``bake`` as in :func:`repvit.export.export_onnx`: ``True`` means ``"float"`` there, so here too."""
+    if bake is True:
+        bake = "float"
     if bake == "uint8":
         return (raw * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
     if bake == "float":
@@ -111,9 +115,10 @@ def classification_result(logits: np.ndarray, labels: np.ndarray | None) -> dict
     return out
 
 
-def compare_fp32_int8(a: dict[str, Any], b: dict[str, Any], source: Any, labelled: bool) -> dict[str, Any]:
+def compare_fp32_int8(a: dict[str, Any], b: dict[str, Any], source: Any, labelled: bool,
+                      calib: Any = None) -> dict[str, Any]:
     """The held-out comparison stored in a sidecar: agreement, and top-1 of both and the drop if labelled."""
-    res: dict[str, Any] = {"source": str(source), "split": "val", "images": a["n"],
+    res: dict[str, Any] = {**source_facts(source, "val", calib), "images": a["n"],
                            "agreement_pct": float((a["pred"] == b["pred"]).mean() * 100.0)}
     if labelled:
         res.update({"top1_fp32": a["top1"], "top1_int8": b["top1"], "top1_drop": a["top1"] - b["top1"]})
@@ -161,6 +166,10 @@ def quantize_onnx(
     pre = get_preprocessing(fused, input_size)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
     calib_in = prepare_inputs(raw, pre, bake_preprocessing)
+    held_out = None
+    if eval_data is not None:        # a bad --eval path fails before the (slow) quantization, not after it
+        raw_e, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
+        held_out = (prepare_inputs(raw_e, pre, bake_preprocessing), labels.numpy() if labels is not None else None)
 
     with tempfile.TemporaryDirectory(prefix="repvit-int8-") as td:
         fp32 = Path(td) / "fp32.onnx"
@@ -183,8 +192,10 @@ def quantize_onnx(
             onnx.checker.check_model(str(tmp))
             n_q = count_ops(tmp, "QuantizeLinear")
             result: dict[str, Any] = {"quantized_activation_points": n_q}
-            if eval_data is not None:
-                result.update(_compare(fp32, tmp, eval_data, pre, bake_preprocessing, num_eval, seed))
+            if held_out is not None:
+                x, y = held_out
+                result["eval"] = compare_fp32_int8(evaluate_onnx(fp32, x, y), evaluate_onnx(tmp, x, y), eval_data,
+                                                   y is not None, calib)
             fp32_size = fp32.stat().st_size
             int8_size = tmp.stat().st_size
 
@@ -197,7 +208,7 @@ def quantize_onnx(
                        + ("per-channel" if per_channel else "per-tensor"),
             "u8_weights": bool(u8_weights),
             "activations": "int8 symmetric" if symmetric_activations else "uint8 asymmetric",
-            "op_types": _OPS, "calibration": {"source": str(calib), "split": "train", "images": int(len(calib_in)),
+            "op_types": _OPS, "calibration": {**source_facts(calib, "train"), "images": int(len(calib_in)),
                                               "method": method},
             "kept_float": list(keep_float), "kept_float_nodes": len(exclude),
         },
@@ -210,9 +221,3 @@ def quantize_onnx(
         info["sidecar"] = str(write_sidecar(out, info))
     return info
 
-
-def _compare(fp32: Path, int8: Path, eval_data, pre, bake, num_eval, seed) -> dict[str, Any]:
-    raw, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
-    x = prepare_inputs(raw, pre, bake)
-    y = labels.numpy() if labels is not None else None
-    return {"eval": compare_fp32_int8(evaluate_onnx(fp32, x, y), evaluate_onnx(int8, x, y), eval_data, y is not None)}

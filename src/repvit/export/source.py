@@ -20,7 +20,7 @@ def to_deploy(model: RepViT) -> RepViT:
     if not isinstance(model, RepViT):
         raise ValueError(f"expected a RepViT classifier model, got {type(model).__name__}; "
                          "features-only backbones are not exported by this module")
-    fused = reparameterize(model).float()
+    fused = reparameterize(model).float().cpu()  # exporters trace with CPU example inputs
     for attr in ("preprocessing", "variant", "_export_source", "_export_source_form"):
         if hasattr(model, attr):
             setattr(fused, attr, getattr(model, attr))

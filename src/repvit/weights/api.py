@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -197,6 +198,11 @@ def save_checkpoint(
         raise TypeError(f"save_checkpoint expects a RepViT model, got {type(model).__name__}")
     sd = model.state_dict()
     if format == "repvit":
+        if Path(path).suffix.lower() in (".pth", ".pt", ".bin"):
+            # a pickle carries no metadata: the variant, form and preprocessing would be lost silently
+            raise ValueError(f"format 'repvit' is written as safetensors (it carries the variant, form and "
+                             f"preprocessing); name the output *.safetensors instead of {Path(path).name}, "
+                             "or choose format 'timm' or 'official' for a .pth file")
         meta = {
             "format": "repvit", "format_version": FORMAT_VERSION, "variant": model.variant,
             "form": _model_form(model), "num_classes": model.num_classes, "in_chans": model.in_chans,

@@ -150,6 +150,11 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool | None = None) -> 
         if not isinstance(obj, dict):
             raise CheckpointFormatError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
         sd, used_ema = _pick(obj, use_ema, path)
+        # our training checkpoints (last.pt, checkpoint-epoch*.pt) record the data's preprocessing: keep it, so an
+        # export or INT8 calibration from them normalises as the run did (not with the ImageNet defaults)
+        info = obj.get("data_info")
+        if isinstance(info, dict) and isinstance(info.get("preprocessing"), dict):
+            meta["preprocessing"] = json.dumps(info["preprocessing"])
     sd = _strip_prefix({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
     if any(k.startswith("features.") for k in sd):
         fmt, ours = "official", layouts.official_to_ours(sd)
