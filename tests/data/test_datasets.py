@@ -82,6 +82,11 @@ def test_folder_validation_errors(tmp_path):
         build_data(DataConfig(dataset=str(root)), AugConfig())
     with pytest.raises(FileNotFoundError, match="--data /path/to/imagenet"):
         build_data(DataConfig(dataset="imagenet"), AugConfig())
+    mixed = _folder(tmp_path / "mixed")
+    (mixed / "train" / "bird").mkdir()
+    Image.new("RGB", (8, 8)).save(mixed / "train" / "bird" / "0.png")
+    with pytest.raises(ValueError, match=r"only in .*train: bird"):   # says which split has the extra class
+        build_data(DataConfig(dataset=str(mixed)), AugConfig())
 
 
 def test_corrupt_images_are_skipped_and_counted_in_training(tmp_path):
@@ -145,6 +150,22 @@ def test_tar_layout_through_the_one_format_option(tmp_path):
         assert b.num_classes == 3 and len(b.train) == 6 and len(b.val) == 6
         assert sorted(b.val[i][1] for i in range(6)) == [0, 0, 1, 1, 2, 2]
         assert b.train[0][0].shape == (3, 16, 16)
+    # a val archive lacking a class keeps the training archive's label indices (timm alone would renumber it)
+    with tarfile.open(root / "val.tar", "w") as t:
+        for c in ("a", "c"):
+            t.add(src / "val" / c, arcname=c)
+    b = build_data(DataConfig(dataset=str(root), format="tar", img_size=16), AugConfig(auto_augment=None))
+    assert b.num_classes == 3 and sorted(b.val[i][1] for i in range(len(b.val))) == [0, 0, 2, 2]
+    with tarfile.open(root / "val.tar", "w") as t:       # a class the training archive lacks: refused by name
+        for c in ("a", "d"):
+            t.add(src / "val" / ("a" if c == "a" else "b"), arcname=c)
+    with pytest.raises(ValueError, match="only in val: d"):
+        build_data(DataConfig(dataset=str(root), format="tar", img_size=16), AugConfig(auto_augment=None))
+    # a single archive cannot be both splits of a training run, but can be evaluated
+    with pytest.raises(ValueError, match="single archive"):
+        build_data(DataConfig(dataset=str(root / "train.tar"), format="tar"), AugConfig())
+    assert len(build_data(DataConfig(dataset=str(root / "train.tar"), format="tar", img_size=16), AugConfig(),
+                          train=False).val) == 6
     (root / "val.tar").unlink()
     with pytest.raises(FileNotFoundError, match="no val.tar"):
         build_data(DataConfig(dataset=str(root), format="tar"), AugConfig())

@@ -148,6 +148,11 @@ def test_cli_dry_run_prints_resolved_yaml(capsys):
     assert config_from_dict(yaml.safe_load(cli("train", "--dry-run")[1])).data.dataset == "fashion-mnist"
     rc, _, err = cli("train", "--set", "optim.lrr=1", "--dry-run")
     assert rc == 2 and "Did you mean" in err
+    # --resume keeps the saved config and directory: every flag that would change them is refused by name
+    for extra, flag in [(["--epochs", "9"], "--epochs"), (["--seed", "1"], "--seed"), (["--out", "x"], "--out"),
+                        (["--set", "run.seed=1"], "--set")]:
+        rc, _, err = cli("train", "--resume", "/nonexistent/run", *extra)
+        assert rc == 2 and flag in err, (extra, err)
 
 
 def test_cpu_autocast_follows_native_bf16():

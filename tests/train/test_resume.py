@@ -42,7 +42,14 @@ def test_crash_after_checkpoint_then_resume_is_exact(tmp_path, monkeypatch):
         train(tiny_config(*RESUME_SET), run)
     monkeypatch.setattr(loop, "atomic_torch_save", real)
     assert load_state(run)["step"] == 4 and load_state(run)["micro"] == 1   # mid-epoch checkpoint
+    # what a SIGKILL can leave too: a torn metrics line and a checkpoint-sized temp file
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "train_lo')
+    (run / ".last.pt.abc123.tmp").write_bytes(b"partial")
     train(None, resume=run)
+    assert not list(run.glob(".*.tmp"))
+    import json
+    assert [json.loads(ln)["epoch"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     a, b = load_state(ref), load_state(run)
     assert a["step"] == b["step"] == 6
     _same(a["model"], b["model"])

@@ -170,15 +170,35 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
                                                 f"<class>/<image> entries")
                     return str(f)
                 return str(root)
+            if train and root.is_file():
+                # one archive would be both the training and the validation data: accuracy would be measured
+                # on training images without a word
+                raise ValueError(f"{root} is a single archive, but training needs separate splits: put "
+                                 f"{data.train_split}.tar and {data.val_split}.tar in one folder and pass the folder "
+                                 "(evaluating a single archive with repvit eval is fine)")
             val_root = split_root(data.val_split)
             train_root = split_root(data.train_split) if train else None
-            try:
-                va = create_dataset("", root=val_root, split=data.val_split, is_training=False, transform=tf_ev)
-                tr = (create_dataset("", root=train_root, split=data.train_split, is_training=True,
-                                     transform=tf_tr) if train else None)
-            except Exception as e:  # noqa: BLE001 - timm readers raise many types; report them uniformly
-                raise ValueError(f"could not open {src!r} as {fmt} data: {e}") from e
-            n_cls = num_classes or _num_classes_of(va)
+
+            def open_split(split_root_: str, split: str, training: bool, tf, class_map=None):
+                try:
+                    return create_dataset("", root=split_root_, split=split, is_training=training, transform=tf,
+                                          class_map=class_map or "")
+                except Exception as e:  # noqa: BLE001 - timm readers raise many types; report them uniformly
+                    raise ValueError(f"could not open {src!r} as {fmt} data: {e}") from e
+            tr = open_split(train_root, data.train_split, True, tf_tr) if train else None
+            va = open_split(val_root, data.val_split, False, tf_ev)
+            if tr is not None:
+                # timm numbers each archive's classes on its own: a val archive lacking a class would shift labels
+                t_map = tr.reader.class_name_to_idx
+                v_map = va.reader.class_name_to_idx
+                if v_map != t_map:
+                    only_val = sorted(set(v_map) - set(t_map))
+                    if only_val:
+                        raise ValueError(f"{val_root} has classes the training archive lacks "
+                                         f"(only in {data.val_split}: {', '.join(only_val[:5])}); both archives "
+                                         "need the same <class>/ folders")
+                    va = open_split(val_root, data.val_split, False, tf_ev, class_map=t_map)  # train's indices
+            n_cls = num_classes or _num_classes_of(tr if tr is not None else va)
             if not n_cls:
                 raise ValueError(f"cannot tell the number of classes of {src!r}; set model.num_classes")
         bundle = DataBundle(tr, va, n_cls, 3, data.img_size, mean, std, data.interpolation, crop_pct, src)

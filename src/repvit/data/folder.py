@@ -78,9 +78,13 @@ class SafeImageFolder(Dataset):
                  classes: list[str] | None = None) -> None:
         found, samples = validate_image_folder(split_dir)
         if classes is not None and found != list(classes):
-            missing = sorted(set(classes) ^ set(found))[:5]
-            raise ValueError(f"class folders of {split_dir} differ from the training classes "
-                             f"(e.g. {', '.join(missing)}); train/ and val/ need the same class folders")
+            # ``classes`` are the reference split's (build_data passes val's when building train)
+            only_here = sorted(set(found) - set(classes))[:5]
+            only_ref = sorted(set(classes) - set(found))[:5]
+            parts = [f"only in {split_dir}: {', '.join(only_here)}" if only_here else "",
+                     f"missing from {split_dir}: {', '.join(only_ref)}" if only_ref else ""]
+            raise ValueError(f"the class folders of the training and validation splits differ "
+                             f"({'; '.join(p for p in parts if p)}); train/ and val/ need the same class folders")
         self.root, self.classes, self.samples = Path(split_dir), found, samples
         self.targets = [t for _, t in samples]
         self.transform = transform

@@ -73,8 +73,12 @@ def _train(args: argparse.Namespace) -> int:
         print("\n".join(list_recipes()))
         return 0
     if args.resume:
-        if args.dry_run or args.recipe or args.data or args.overrides:
-            raise ValueError("--resume continues a run with its saved config; drop --recipe/--data/--set/--dry-run")
+        given = [flag for flag, v in (("--recipe", args.recipe), ("--data", args.data), ("--set", args.overrides),
+                                      ("--dry-run", args.dry_run), ("--epochs", args.epochs is not None),
+                                      ("--seed", args.seed is not None), ("--out", args.out)) if v]
+        if given:
+            raise ValueError(f"--resume continues a run with its saved config and directory; drop {', '.join(given)} "
+                             "(to train longer, start a new run from the result with --set model.pretrained=...)")
         from .loop import train
         res = train(None, resume=args.resume)  # type: ignore[arg-type]
         _print_summary(res)

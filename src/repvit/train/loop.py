@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import repvit
-from repvit.data import DataBundle, GlobalBatchSampler, build_data
+from repvit.data import DataBundle, GlobalBatchSampler, build_data, builtin_name
 from repvit.reparam import reparameterize
 
 from ..utils.files import atomic_write_json, atomic_write_text
@@ -128,7 +128,13 @@ def _truncate_metrics(path: Path, before_epoch: int) -> None:
     """On resume, drop metric lines of epochs the checkpoint does not include (they are redone)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < before_epoch]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["epoch"] < before_epoch:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            continue  # blank, or torn by a kill mid-append: never a reason to refuse the resume
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
@@ -198,12 +204,19 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
 def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, log_fn, t_start: float) -> TrainResult:
     if di.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # a run killed mid-save leaves its checkpoint-sized temp file behind (atomic_write's .NAME.*.tmp); one
+        # writer per run directory, so any such file now is a leftover
+        for tmp in run_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     log = log_fn or _make_logger(run_dir, di.is_main)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = di.device
     _seed_all(cfg.run.seed + di.rank)
 
+    if state is None and builtin_name(cfg.data.dataset) is None and Path(cfg.data.dataset).exists():
+        # saved absolute, so --resume works from any working directory (it takes no --data)
+        cfg.data.dataset = str(Path(cfg.data.dataset).resolve())
     # ---- data first: a wrong path or layout fails before anything expensive happens
     bundle = build_data(cfg.data, cfg.aug, train=True, seed=cfg.run.seed, num_classes=cfg.model.num_classes)
     for note in bundle.notes:
@@ -214,7 +227,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     # ---- model, teacher, EMA
-    model = build_student(cfg, num_classes, in_chans)
+    # on resume the weights come from last.pt: the fine-tune source need not exist any more
+    model = build_student(_no_pretrained(cfg) if state is not None else cfg, num_classes, in_chans)
     model.preprocessing = bundle.preprocessing
     distill = cfg.distill.kind != "none"
     if distill:
@@ -240,6 +254,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             teacher.to(memory_format=torch.channels_last)
 
     world = di.world_size
+    if state is not None and cfg.run.global_batch is None:
+        # "batch_size x world" was the global batch of the saved run: keep it (and so the updates per epoch, the
+        # lr and the scheduler's horizon) when resuming with another number of processes
+        cfg.run.global_batch = cfg.run.batch_size * int(state.get("world_size", world))
     accum = cfg.accum_steps(world)
     global_batch = cfg.global_batch(world)
     lr = cfg.lr(world)
@@ -358,7 +376,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         sampler.set_epoch(epoch, first)
         loader = DataLoader(_Indexed(bundle.train), batch_sampler=sampler, num_workers=cfg.data.num_workers,
                             collate_fn=bundle.collate, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch),
+                            # rank in the seed: otherwise worker k of every rank draws the same augmentations, and
+                            # repeated augmentation's copies (on neighbouring ranks) get identical crops
+                            generator=torch.Generator().manual_seed((cfg.run.seed * 7919 + epoch) * world + di.rank),
                             persistent_workers=False)
         train_model.train()
         loss_sum, loss_n, skipped, seen = 0.0, 0, 0, 0

@@ -12,6 +12,12 @@ from typing import Any, Callable, Iterator
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_of"]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` for a temp file in the target folder, then rename it over ``path``."""
     path = Path(path)
@@ -26,6 +32,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave an empty file
             os.fsync(f.fileno())
         os.replace(tmp, path)
