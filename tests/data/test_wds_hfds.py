@@ -131,8 +131,9 @@ def test_wds_bad_input_errors(tmp_path):
 def test_wds_without_info_and_a_corrupt_image(tmp_path):
     root = tmp_path / "wds"
     labels = make_wds(root, info=False, corrupt={"train_0_00003"})
-    b = build_data(_wds_cfg(root), AUG)              # shards found by name: *-train-*.tar, *-validation-*.tar
-    assert b.num_classes == 3 and len(b.train) == 15 and b.train.targets == labels["train"]
+    for fmt in ("wds", "auto"):                      # auto finds shards named by split without an info file
+        b = build_data(_wds_cfg(root, format=fmt), AUG)   # shards found by name: *-train-*.tar, *-validation-*.tar
+        assert b.num_classes == 3 and len(b.train) == 15 and b.train.targets == labels["train"]
     assert b.train[3] is None and b.train[4] is not None      # unreadable: dropped by the collate and counted
 
 
@@ -205,8 +206,9 @@ def test_hfds_split_folders_and_parquet_files(tmp_path, monkeypatch):
     per_split = tmp_path / "per_split"                # <split>/ folders, each a Dataset.save_to_disk
     _hf_split(datasets, 9).save_to_disk(str(per_split / "train"))
     _hf_split(datasets, 3, offset=2).save_to_disk(str(per_split / "val"))
-    b = build_data(DataConfig(dataset=str(per_split), format="hfds", img_size=16), AUG)
-    assert b.num_classes == 3 and len(b.train) == 9 and b.val.targets == _labels(3, 2)
+    for fmt in ("hfds", "auto"):                     # auto recognises <split>/state.json too
+        b = build_data(DataConfig(dataset=str(per_split), format=fmt, img_size=16), AUG)
+        assert b.num_classes == 3 and len(b.train) == 9 and b.val.targets == _labels(3, 2)
     pq = tmp_path / "pq"                              # data files load_dataset opens (no hub access)
     pq.mkdir()
     _hf_split(datasets, 9).to_parquet(str(pq / "train-00000-of-00001.parquet"))

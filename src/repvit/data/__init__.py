@@ -124,10 +124,12 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
         if fmt == "auto":
             if root.suffix == ".tar" or (root / f"{data.train_split}.tar").exists():
                 fmt = "tar"
-            elif (root / "_info.json").is_file() or (root / "info.json").is_file():
-                fmt = "wds"
-            elif (root / "dataset_dict.json").is_file():
-                fmt = "hfds"
+            elif ((root / "_info.json").is_file() or (root / "info.json").is_file()
+                  or any(root.glob(f"*{data.train_split}-*.tar")) or any(root.glob(f"{data.train_split}/*.tar"))):
+                fmt = "wds"              # with an info file, or shards named by split (as wds.py finds them)
+            elif ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
+                  or (root / data.train_split / "state.json").is_file()):
+                fmt = "hfds"             # DatasetDict.save_to_disk, Dataset.save_to_disk, or <split>/ of those
             else:
                 fmt = "folder"
         if fmt == "folder":
