@@ -68,7 +68,7 @@ def _metrics(run: Path) -> dict:
 
 def _check_counts(run: Path) -> None:
     m = _metrics(run)
-    assert m["skipped_images"] == 4 + 16 + 4 + 1
+    assert m["skipped_images"] == 6 * 4 + 1 and m["dropped_images"] == 0   # all unreadable, none dropped
     assert m["empty_batches"] == 6 and m["empty_updates"] == 1
     assert m["step"] == 3 and np.isfinite(m["train_loss"])
     assert "6 empty micro-batch(es) skipped, 1 update(s) without data" in (run / "train.log").read_text()
@@ -91,7 +91,8 @@ def test_micro_batch_with_one_readable_image_is_dropped(tmp_path):
     run = tmp_path / "run"
     train(tiny_config(f"data.dataset={root}", *SET), run)
     m = _metrics(run)
-    assert m["skipped_images"] == 4 and m["empty_batches"] == 1 and m["empty_updates"] == 0
+    assert m["skipped_images"] == 3 and m["dropped_images"] == 1
+    assert m["empty_batches"] == 1 and m["empty_updates"] == 0
     assert m["step"] == 3 and np.isfinite(m["train_loss"])
 
 

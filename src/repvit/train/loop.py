@@ -5,8 +5,8 @@ forward/backward each micro-batch (DDP gradient sync only on the last), stop on 
 loss before anything is stepped, unscale (fp16), clip (AGC by default), optimizer step, EMA
 update, scheduler update.
 
-Unreadable images (dropped by the collate function) can leave a micro-batch short or empty (a single
-left-over sample is dropped too: BatchNorm cannot train on one). The
+Unreadable images (dropped by the collate function, counted as ``skipped_images``) can leave a micro-batch short
+or empty (a single left-over sample is dropped too: BatchNorm cannot train on one; counted as ``dropped_images``). The
 gradient of an update is the mean over the samples that were actually read, on all ranks and
 micro-batches together (the same value as before when nothing is dropped). In DDP every rank takes
 part in every collective: the real-sample counts of each micro-step are all-reduced before its
@@ -381,7 +381,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                             generator=torch.Generator().manual_seed((cfg.run.seed * 7919 + epoch) * world + di.rank),
                             persistent_workers=False)
         train_model.train()
-        loss_sum, loss_n, skipped, seen = 0.0, 0, 0, 0
+        loss_sum, loss_n, skipped, dropped, seen = 0.0, 0, 0, 0, 0   # skipped: unreadable; dropped: readable
         empty_batches, empty_updates = 0, 0       # micro-batches of this rank with no readable image; updates (global)
         micro_batch = sampler.micro_batch
         upd_real, ddp_synced = 0, False           # real samples of the current update (all ranks); last sync by DDP
@@ -397,6 +397,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             skipped += n_skip
             if mixup is not None and len(y) % 2:
                 x, y, idx = x[:-1], y[:-1], idx[:-1]     # mixup pairs samples; keep the batch even
+                dropped += 1
             m_in_step = micro % accum
             last_micro = m_in_step == accum - 1
             if m_in_step == 0:
@@ -405,7 +406,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             if n_local == 1:
                 # unreadable images left a single sample: BatchNorm cannot train on it, so it is dropped like them
                 x, y, idx = x[:0], y[:0], idx[:0]
-                n_local, skipped = 0, skipped + 1
+                n_local, dropped = 0, dropped + 1
             if n_local == 0:
                 empty_batches += 1
             if di.distributed:
@@ -485,11 +486,12 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         if bar is not None:
             bar.close()
         epoch_time = time.perf_counter() - t0
-        tot = all_reduce_sum(torch.tensor([loss_sum, loss_n, skipped, seen, empty_batches], dtype=torch.float64,
-                                          device=device)).cpu()
+        tot = all_reduce_sum(torch.tensor([loss_sum, loss_n, skipped, seen, empty_batches, dropped],
+                                          dtype=torch.float64, device=device)).cpu()
         train_loss = tot[0].item() / max(tot[1].item(), 1.0)
         n_skipped = int(tot[2].item())
         n_empty = int(tot[4].item())
+        n_dropped = int(tot[5].item())
 
         # ---- evaluate raw and EMA weights, keep the best
         ev_kw = dict(device=device, batch_size=max(cfg.run.batch_size, 64), amp=amp if device.type == "cuda" else "none",
@@ -513,7 +515,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         rec = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"],
                "epoch_time_s": epoch_time, "train_img_s": tot[3].item() / max(epoch_time, 1e-9),
-               "skipped_images": n_skipped, "empty_batches": n_empty, "empty_updates": empty_updates}
+               "skipped_images": n_skipped, "dropped_images": n_dropped, "empty_batches": n_empty,
+               "empty_updates": empty_updates}
         if ev_ema is not None:
             rec.update(ema_val_top1=ev_ema["top1"], ema_val_top5=ev_ema["top5"], ema_val_loss=ev_ema["loss"])
         if di.is_main:
@@ -525,6 +528,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                         tb.add_scalar(k, v, epoch)
         ema_txt = f", ema top1 {ev_ema['top1']:.2f}" if ev_ema is not None else ""
         skip_txt = f", skipped {n_skipped} unreadable images" if n_skipped else ""
+        if n_dropped:
+            skip_txt += f", dropped {n_dropped} readable image(s) left alone in a micro-batch or odd for mixup"
         if n_empty:
             skip_txt += (f" ({n_empty} empty micro-batch(es) skipped"
                          + (f", {empty_updates} update(s) without data" if empty_updates else "") + ")")
