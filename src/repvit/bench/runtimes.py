@@ -6,8 +6,8 @@ torchscript          TorchScript frozen + optimize_for_inference (oneDNN prepack
 eager_bf16           PyTorch eager with bf16 weights and input (emulated on CPUs without bf16)
 compile              torch.compile (inductor, weight freezing) fp32
 onnxruntime          ONNX Runtime CPU fp32, all graph optimisations
-onnxruntime_int8     ONNX Runtime static INT8 (QDQ, per-channel; calibrated on random data:
-                     a speed measurement only, accuracy is not checked here)
+onnxruntime_int8     ONNX Runtime static INT8 (QDQ, per-channel). RepViT: repvit.export.quantize_onnx on 16 digits
+                     calibration images; other models: random calibration. A speed measurement only
 openvino             OpenVINO CPU fp32 (if installed)
 openvino_int8        OpenVINO CPU INT8 via NNCF post-training quantization (RepViT: 32 digits calibration
                      images; other models: random calibration; speed only)
