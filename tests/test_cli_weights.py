@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import repvit
@@ -48,3 +49,28 @@ def test_cli_errors_are_one_clean_line(tmp_path):
     assert r.returncode == 2
     assert "repvit convert: error:" in r.stderr and "truncated or corrupt" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_tells_our_errors_from_unexpected_ones(monkeypatch, capsys):
+    """Our own errors are one 'error:' line with exit 2; a RuntimeError from inside torch (a bug or out of memory)
+    is flagged as unexpected with exit 1 instead of passing for a user mistake; a KeyError (always a bug) is not
+    swallowed at all."""
+    import repvit.weights.commands as wc
+
+    def torch_fails(args):
+        torch.zeros(2) @ torch.zeros(3)          # raises RuntimeError inside torch
+    def ours_fails(args):
+        from repvit.train.dist import init_distributed
+        init_distributed("cuda")                 # raises our RuntimeError here (no GPU on the test machine)
+    def bug(args):
+        return {}["val_top1"]
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA for the package-raised error")
+    for fn, rc, said in [(ours_fails, 2, "repvit convert: error: run.device=cuda"),
+                         (torch_fails, 1, "unexpected RuntimeError")]:
+        monkeypatch.setattr(wc, "_convert", fn)
+        assert main(["convert", "a.safetensors", "b.safetensors"]) == rc
+        assert said in capsys.readouterr().err
+    monkeypatch.setattr(wc, "_convert", bug)
+    with pytest.raises(KeyError):
+        main(["convert", "a.safetensors", "b.safetensors"])

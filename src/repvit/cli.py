@@ -32,15 +32,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import os
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
-        # user-facing errors: one clear line, no traceback (set REPVIT_DEBUG=1 to see it)
-        import os
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # user-facing errors: one clear line, no traceback (set REPVIT_DEBUG=1 to see it). A RuntimeError raised
+        # outside this package (torch internals, out of memory, ...) is not ours to explain: say so, exit 1.
         if os.environ.get("REPVIT_DEBUG"):
             raise
+        if isinstance(e, RuntimeError) and not _raised_here(e):
+            print(f"repvit {args.command}: unexpected {type(e).__name__}: {e}\n(set REPVIT_DEBUG=1 for the "
+                  "traceback, and please report it if the message does not say what to fix)", file=sys.stderr)
+            return 1
         print(f"repvit {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _raised_here(e: BaseException) -> bool:
+    """Whether ``e`` was raised by this package's own code (the innermost frame of its traceback)."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    from pathlib import Path
+    pkg = Path(__file__).resolve().parent
+    return pkg in Path(tb.tb_frame.f_code.co_filename).resolve().parents
 
 
 if __name__ == "__main__":

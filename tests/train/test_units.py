@@ -109,6 +109,51 @@ def test_frozen_teacher_stays_in_eval_mode_without_grads():
     assert torch.equal(net[1].running_mean, before) and not out.requires_grad
 
 
+def test_teacher_keeps_its_trained_classifier_or_refuses(tmp_path):
+    """A teacher's head is what it teaches: loaded as saved (never re-initialised to fit the data's class count),
+    and a class-count mismatch is an error, not a random head."""
+    import repvit
+    from repvit.train.distill import build_teacher
+    src = repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1)
+    repvit.save_checkpoint(src, tmp_path / "t10.safetensors")
+    t = build_teacher("repvit_m0_6", str(tmp_path / "t10.safetensors"), num_classes=10, in_chans=1)
+    assert torch.equal(t.model.head.head.l.weight, src.head.head.l.weight)
+    with pytest.raises(ValueError, match="predicts 10 classes but the data has 7"):
+        build_teacher("RepViT-M0.6", str(tmp_path / "t10.safetensors"), num_classes=7, in_chans=1)
+    timm = pytest.importorskip("timm")
+    tm = timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1)
+    torch.save(tm.state_dict(), tmp_path / "timm10.pth")
+    t = build_teacher("mobilenetv3_small_050", str(tmp_path / "timm10.pth"), num_classes=10, in_chans=1)
+    assert torch.equal(t.model.classifier.weight, tm.classifier.weight)
+    with pytest.raises(ValueError, match="does not fit timm's mobilenetv3_small_050 with 7 classes"):
+        build_teacher("mobilenetv3_small_050", str(tmp_path / "timm10.pth"), num_classes=7, in_chans=1)
+
+
+def test_finetune_student_keeps_the_trained_head_when_only_distillation_differs(tmp_path):
+    """Same classes, distillation switched on: the class head keeps its trained weights and the distillation head
+    starts from it; a new class count gets a fresh head."""
+    import repvit
+    from repvit.train.builder import build_student
+    from repvit.train.config import TrainConfig, apply_overrides
+    src = repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1)
+    path = tmp_path / "best.safetensors"
+    repvit.save_checkpoint(src, path)
+    cfg = apply_overrides(TrainConfig(), ["model.name=repvit_m0_6", f"model.pretrained={path}", "distill.kind=hard"])
+    m = build_student(cfg, 10, 1)
+    assert m.distillation
+    assert torch.equal(m.head.head.l.weight, src.head.head.l.weight)
+    assert torch.equal(m.head.head_dist.l.weight, src.head.head.l.weight)
+    m7 = build_student(cfg, 7, 1)
+    assert m7.num_classes == 7 and m7.distillation
+
+
+def test_reset_classifier_keeps_the_models_mode():
+    m = build_model("repvit_m0_6", num_classes=10).eval()
+    m.reset_classifier(4)
+    assert not m.head.training
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)   # batch of 1 in eval: BatchNorm1d on running stats
+
+
 def test_adaptive_gradient_clipping_by_hand():
     from timm.utils import dispatch_clip_grad
     w = nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.001]]))      # row norms 5 and 0.001

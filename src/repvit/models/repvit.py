@@ -499,6 +499,7 @@ class RepViT(nn.Module):
         self.num_classes = num_classes
         self.head = make_head(self.num_features, num_classes, distillation=distillation,
                               drop_rate=self.drop_rate, deploy=self.deploy).to(ref.device, ref.dtype)
+        self.head.train(self.training)  # a model in eval mode stays in eval mode (BatchNorm1d on running stats)
 
     # -- forward --------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,10 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
     kw = dict(drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     if cfg.model.pretrained:
         import repvit
+        # create_model keeps the trained classifier whenever the class count matches (a distillation head is
+        # started from it, or dropped); only a new class count gets a fresh head
         model = repvit.create_model(cfg.model.name, checkpoint=cfg.model.pretrained, deploy=False,
-                                    num_classes=num_classes, in_chans=in_chans, **kw)
-        if getattr(model, "deploy", False):
-            raise ValueError(f"{cfg.model.pretrained} holds a fused (deploy) model, which cannot be trained; "
-                             "fine-tune from a train-form checkpoint (e.g. best.safetensors, not deploy.safetensors)")
-        if model.distillation != distill:
-            model.reset_classifier(num_classes, distillation=distill)
+                                    num_classes=num_classes, distillation=distill, in_chans=in_chans, **kw)
     else:
         model = build_model(cfg.model.name, distillation=distill, num_classes=num_classes, in_chans=in_chans, **kw)
     if not cfg.model.reparam_branches:

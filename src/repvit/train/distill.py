@@ -109,20 +109,31 @@ def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_cha
 
     from .builder import model_from_file
 
+    # The teacher's classifier is what it teaches: never ask for num_classes while loading its weights (that
+    # would put a random head on a pretrained teacher, silently); load it as it is and compare below.
     if Path(name).is_file():
         model = model_from_file(name)
-    elif name.replace("-", "_").replace(".", "_") in list_models():
-        model = repvit.create_model(name, checkpoint=checkpoint, num_classes=num_classes, in_chans=in_chans) \
-            if checkpoint else repvit.create_model(name, pretrained=True)
+    elif name.lower().replace("-", "_").replace(".", "_") in list_models():
+        model = repvit.create_model(name, checkpoint=checkpoint, in_chans=in_chans) if checkpoint \
+            else repvit.create_model(name, pretrained=True)
     else:
         import timm
         if not timm.is_model(name):
             raise ValueError(f"teacher {name!r} is neither a file, a repvit variant nor a timm model name")
-        model = timm.create_model(name, pretrained=checkpoint is None, num_classes=num_classes, in_chans=in_chans)
         if checkpoint:
-            model.load_state_dict(_load_state(checkpoint))
+            state = _load_state(checkpoint)
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"teacher checkpoint {checkpoint} does not fit timm's {name} with {num_classes} "
+                                 f"classes and {in_chans} input channel(s): {str(e)[:300]}") from e
+        else:
+            model = timm.create_model(name, pretrained=True, in_chans=in_chans)
     if getattr(model, "num_classes", num_classes) != num_classes:
-        raise ValueError(f"teacher predicts {model.num_classes} classes but the data has {num_classes}")
+        raise ValueError(f"teacher {name!r} predicts {model.num_classes} classes but the data has {num_classes}: a "
+                         "teacher must be trained on the same labels. Train one on this data first and pass its "
+                         "checkpoint as distill.teacher=PATH (benchmarks/fashion_mnist.py --parts distill shows how)")
     return FrozenTeacher(model)
 
 
