@@ -147,6 +147,27 @@ def test_finetune_student_keeps_the_trained_head_when_only_distillation_differs(
     assert m7.num_classes == 7 and m7.distillation
 
 
+def test_teacher_input_mismatch_names_the_difference():
+    from repvit.train.distill import teacher_input_mismatch
+    t = build_model("repvit_m0_6", num_classes=10, in_chans=1)
+    t.preprocessing = {"mean": [0.286], "std": [0.353]}
+    assert teacher_input_mismatch(t, {"mean": [0.286], "std": [0.353]}) is None
+    note = teacher_input_mismatch(t, {"mean": [0.5], "std": [0.353]})
+    assert note is not None and "mean (0.286,)" in note and "(0.5,)" in note and "std" not in note
+    assert teacher_input_mismatch(nn.Linear(2, 2), {"mean": [0.5], "std": [0.5]}) is None   # unknown: no claim
+
+
+def test_reparam_ablation_refuses_a_pretrained_student(tmp_path):
+    import repvit
+    from repvit.train.builder import build_student
+    from repvit.train.config import TrainConfig, apply_overrides
+    repvit.save_checkpoint(build_model("repvit_m0_6", num_classes=10), tmp_path / "m.safetensors")
+    cfg = apply_overrides(TrainConfig(), ["model.name=repvit_m0_6", f"model.pretrained={tmp_path / 'm.safetensors'}",
+                                          "model.reparam_branches=false"])
+    with pytest.raises(ValueError, match="reparam_branches=false"):
+        build_student(cfg, 10, 3)
+
+
 def test_reset_classifier_keeps_the_models_mode():
     m = build_model("repvit_m0_6", num_classes=10).eval()
     m.reset_classifier(4)

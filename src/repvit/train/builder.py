@@ -40,6 +40,10 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
     else:
         model = build_model(cfg.model.name, distillation=distill, num_classes=num_classes, in_chans=in_chans, **kw)
     if not cfg.model.reparam_branches:
+        if cfg.model.pretrained:
+            # stripping would throw away the trained 1x1/identity branches and change what the weights compute
+            raise ValueError("model.reparam_branches=false is the from-scratch ablation; with model.pretrained it "
+                             "would discard trained branch weights. Drop one of the two settings")
         strip_reparam_branches(model)
     return model
 

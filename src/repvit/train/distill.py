@@ -137,6 +137,25 @@ def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_cha
     return FrozenTeacher(model)
 
 
+def teacher_input_mismatch(teacher: nn.Module, student_pre: dict) -> str | None:
+    """How the teacher's expected normalisation differs from the student's data, or None (unknown counts as equal).
+
+    The teacher is fed the student's batches, so a teacher trained with other mean/std sees shifted inputs."""
+    want = getattr(teacher, "preprocessing", None)                      # repvit models
+    if not isinstance(want, dict):
+        cfg = getattr(teacher, "pretrained_cfg", None) or {}            # timm models
+        want = {"mean": cfg.get("mean"), "std": cfg.get("std")} if cfg.get("mean") else None
+    if not want:
+        return None
+    diffs = []
+    for key in ("mean", "std"):
+        a, b = want.get(key), student_pre.get(key)
+        if a is not None and b is not None and (len(a) != len(b) or any(abs(x - y) > 1e-3 for x, y in zip(a, b))):
+            diffs.append(f"it expects {key} {tuple(round(v, 4) for v in a)} and the data uses "
+                         f"{tuple(round(v, 4) for v in b)}")
+    return "; ".join(diffs) or None
+
+
 @torch.no_grad()
 def precompute_teacher_logits(teacher: nn.Module, dataset, *, batch_size: int, device: torch.device,
                               collate) -> torch.Tensor:

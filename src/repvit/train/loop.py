@@ -55,6 +55,7 @@ from .distill import (
     DistillationLoss,
     build_teacher,
     precompute_teacher_logits,
+    teacher_input_mismatch,
     teacher_targets,
 )
 from .evaluate import autocast_ctx, evaluate, resolve_amp
@@ -252,6 +253,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                                 in_chans=in_chans).to(device)
         if cfg.run.channels_last:
             teacher.to(memory_format=torch.channels_last)
+        note = teacher_input_mismatch(teacher.model, bundle.preprocessing)
+        if note:
+            log(f"warning: the teacher sees the student's inputs, but {note}; its labels may be poor")
 
     world = di.world_size
     if state is not None and cfg.run.global_batch is None:
