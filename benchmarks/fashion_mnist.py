@@ -17,11 +17,17 @@ randomly cropped back) gives 8x8 down to 1x1 and is the cheapest clean choice (t
 it costs only about 1.5x the time of 32x32 on this CPU (not the 2.25x of the pixel count: tiny maps are
 overhead-bound) and learns more per epoch (+1.4 points after 2 epochs), so the 60-minute run uses it.
 
-    python benchmarks/fashion_mnist.py --quick                       # ~10-15 min, subset
-    python benchmarks/fashion_mnist.py --budget-minutes 60 --parts main --parallel   # full data, epochs fitted
-    python benchmarks/fashion_mnist.py --parts reparam,distill --abl-epochs 1 --parallel  # full-data ablations
+    python benchmarks/fashion_mnist.py --quick --out-dir benchmarks/results/quick       # ~10-15 min, subset
+    python benchmarks/fashion_mnist.py --budget-minutes 60 --parts main --parallel --out-dir benchmarks/results/main
+    python benchmarks/fashion_mnist.py --parts reparam,distill --abl-epochs 1 --parallel --out-dir benchmarks/results/abl
     # each model gets the whole machine (2 threads) for the budget, in turn; batch 256 (2x the img/s of batch 128)
-    python benchmarks/fashion_mnist.py --budget-minutes 60 --parts main --threads 2 --batch 256 --lr 0.003 --res 48
+    python benchmarks/fashion_mnist.py --budget-minutes 60 --parts main --threads 2 --batch 256 --lr 0.003 --res 48 \
+        --out-dir benchmarks/results/main_r48
+
+Each run writes a fresh ``fashion_mnist.json`` / ``.md`` into ``--out-dir`` and refuses a folder that already
+holds one (``--overwrite`` replaces it), so one comparison cannot erase another's numbers. ``top1`` is the better
+of the raw and EMA weights on the test set (``weights`` says which; ``raw_top1`` and ``ema_top1`` are both
+recorded): read the EMA column for a number chosen without looking at the test set.
 
 --parallel runs the arms of a comparison as separate single-thread processes (one per core) that draw
 bit-identical batches (checked: every result row carries a sha256 of the batches it saw, and the run stops if
@@ -119,6 +125,8 @@ class Trainer:
         best = max((raw, "raw"), (ema, "ema"), key=lambda r: r[0]["top1"])
         return {"model": self.name, "top1": best[0]["top1"], "top5": best[0]["top5"], "weights": best[1],
                 "raw_top1": raw["top1"], "ema_top1": ema["top1"], "updates": self.step_n,
+                "planned_updates": getattr(self, "planned_updates", self.step_n),
+                "cut_by_deadline": getattr(self, "cut_by_deadline", False),
                 "train_images": self.images, "train_s": round(self.busy_s, 1),
                 "img_per_s": round(self.images / max(self.busy_s, 1e-9), 1),
                 "params": sum(p.numel() for p in self.model.parameters()),
@@ -222,6 +230,8 @@ def side_by_side(trainers: list[Trainer], bundle, cfg: TrainConfig, epochs: floa
         if time.time() > deadline:
             log(f"  budget reached after {done} updates ({done / max(1, len(sampler)):.2f} epochs)")
             break
+    for t in trainers:   # recorded with the results: a run cut by the safety deadline is not the planned one
+        t.planned_updates, t.cut_by_deadline = total, done < total
 
 
 def comparison_model(name: str) -> nn.Module:
@@ -342,9 +352,10 @@ def speed(args, log) -> dict:
     ratios = [t_timm / t_ours for t_ours, t_timm in zip(times["ours"], times["timm"])]
     out["ratio_ours_over_timm"] = {"median": round(statistics.median(ratios), 3),
                                    "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
-    out["ratio_channels_last_ours"] = round(statistics.median(times["ours"]) /
-                                            statistics.median(times["ours_channels_last"]), 3)
-    out["ratio_bf16_ours"] = round(statistics.median(times["ours"]) / statistics.median(times["ours_bf16"]), 3)
+    # like ours/timm: the median of per-round ratios (both arms of a round saw the same machine load)
+    for key, arm in (("ratio_channels_last_ours", "ours_channels_last"), ("ratio_bf16_ours", "ours_bf16")):
+        r = [a / b for a, b in zip(times["ours"], times[arm])]
+        out[key] = {"median": round(statistics.median(r), 3), "min": round(min(r), 3), "max": round(max(r), 3)}
     if "ours_channels_last_compile" in times:
         r = [e / c for e, c in zip(times["ours_channels_last"], times["ours_channels_last_compile"])]
         out["ratio_compile_ours_channels_last"] = {"median": round(statistics.median(r), 3),
@@ -385,10 +396,17 @@ def main() -> int:
                     help="threads for training the teacher (default: all CPUs; nothing else runs meanwhile)")
     ap.add_argument("--teacher-ckpt", help="use this trained teacher instead of training one")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing fashion_mnist.json in --out-dir (otherwise the run refuses to start)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out_dir = Path(args.out_dir)
+    if (out_dir / "fashion_mnist.json").exists() and not args.overwrite and not args.arms:
+        # every run writes a fresh results file: a second run into the same folder (say, an ablation after the
+        # main comparison) would erase the first one's numbers
+        ap.error(f"{out_dir / 'fashion_mnist.json'} holds earlier results; choose another --out-dir "
+                 "or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
