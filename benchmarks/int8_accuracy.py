@@ -138,8 +138,10 @@ def time_interleaved(runners: dict, repeats: int, iters: int) -> dict:
         for _ in range(3):
             fn()
     samples = {k: [] for k in runners}
-    for _ in range(repeats):
-        for k, fn in runners.items():
+    names = list(runners)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:   # order rotated: nobody always goes first
+            fn = runners[k]
             t = time.perf_counter()
             for _ in range(iters):
                 fn()
@@ -348,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="repvit-int8-bench-") as td:
         for ds in args.datasets:
             res["datasets"][ds] = bench_dataset(ds, args, Path(td))
-    atomic_write_text(out / "int8_accuracy.json", json.dumps(res, indent=2) + "\n")
-    atomic_write_text(out / "int8_accuracy.md", to_markdown(res))
+            # written after every dataset: a later one failing does not lose the finished ones
+            atomic_write_text(out / "int8_accuracy.json", json.dumps(res, indent=2) + "\n")
+            atomic_write_text(out / "int8_accuracy.md", to_markdown(res))
     print(to_markdown(res))
     return 0
 
