@@ -158,16 +158,17 @@ def test_cli_dry_run_prints_resolved_yaml(capsys):
 def test_cpu_autocast_follows_native_bf16():
     """On CPU, fp16 means bf16 only where bf16 is native; without it fp16 trains in float32 and an explicit
     bf16 is kept but warned about (emulated bf16 measured 0.04x float32 on an AVX2 CPU)."""
-    from repvit.train.loop import _resolve_amp
+    from repvit.train.evaluate import resolve_amp
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for asked, native, want, said in [("fp16", True, "bf16", "using bf16"), ("fp16", False, "none", "float32"),
                                       ("bf16", False, "bf16", "warning: run.amp=bf16"), ("bf16", True, "bf16", None),
                                       ("none", False, "none", None)]:
         logs: list[str] = []
         cfg = apply_overrides(TrainConfig(), [f"run.amp={asked}"])
-        assert _resolve_amp(cfg, cpu, logs.append, native_bf16=native) == want, (asked, native)
+        assert resolve_amp(cfg.run.amp, cpu, logs.append, native_bf16=native) == want, (asked, native)
         assert (said is None and not logs) or (said is not None and said in logs[0]), (asked, native, logs)
-    assert _resolve_amp(apply_overrides(TrainConfig(), ["run.amp=fp16"]), cuda, print, native_bf16=False) == "fp16"
+    assert resolve_amp(apply_overrides(TrainConfig(), ["run.amp=fp16"]).run.amp, cuda, print,
+                       native_bf16=False) == "fp16"
 
 
 def test_autocast_ctx_uses_the_resolved_dtype_without_remapping():

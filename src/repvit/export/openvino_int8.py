@@ -24,7 +24,7 @@ from torch import nn
 from .calib import load_images, source_facts
 from .common import check_writable, get_preprocessing, model_info, require, sha256_of, write_sidecar
 from .onnx_export import export_onnx
-from .quantize import check_keep_float, classification_result, compare_fp32_int8, prepare_inputs
+from .quantize import check_keep_float, classification_result, compare_fp32_int8, load_held_out, prepare_inputs
 from .source import to_deploy
 
 __all__ = ["quantize_openvino", "nncf_quantize", "openvino_session", "evaluate_openvino", "precision_summary",
@@ -183,9 +183,7 @@ def quantize_openvino(
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
     calib_in = prepare_inputs(raw, pre, bake_preprocessing)
     if eval_data is not None:        # a bad --eval path fails before the (slow) quantization, not after it
-        raw_e, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
-        x = prepare_inputs(raw_e, pre, bake_preprocessing)
-        y = labels.numpy() if labels is not None else None
+        x, y = load_held_out(eval_data, pre, bake_preprocessing, num_eval, seed)
     # the IR is written and checked in a staging folder next to ``out`` and moved into place only when
     # everything succeeded: an error leaves neither a new IR nor a half-replaced old one behind
     parent = out.parent if str(out.parent) else Path(".")

@@ -24,7 +24,7 @@ from .onnx_export import count_ops, export_onnx, ort_session
 from .source import to_deploy
 
 __all__ = ["quantize_onnx", "evaluate_onnx", "sensitive_nodes", "KEEP_FLOAT_CHOICES", "prepare_inputs",
-           "check_keep_float", "classification_result", "compare_fp32_int8"]
+           "check_keep_float", "classification_result", "compare_fp32_int8", "load_held_out"]
 
 KEEP_FLOAT_CHOICES = ("stem", "depthwise", "se", "head")
 # ops worth running in INT8: the convolutions and the classifier matmul carry ~all the MACs;
@@ -106,6 +106,15 @@ def evaluate_onnx(path: str | os.PathLike, inputs: np.ndarray, labels: np.ndarra
     return classification_result(logits, labels)
 
 
+def load_held_out(eval_data: str | os.PathLike, pre: dict[str, Any], bake: str | bool | None, num_eval: int | None,
+                  seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``--eval`` images as the graph's input, and their labels (None for an unlabelled folder).
+
+    Called before quantizing, so a bad path fails before the slow part; seeded apart from calibration."""
+    raw, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
+    return prepare_inputs(raw, pre, bake), (labels.numpy() if labels is not None else None)
+
+
 def classification_result(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
     """``{"n", "pred", "logits"[, "top1"]}`` of a classifier's logits (top-1 in percent when labelled)."""
     pred = logits.argmax(1)
@@ -166,10 +175,7 @@ def quantize_onnx(
     pre = get_preprocessing(fused, input_size)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
     calib_in = prepare_inputs(raw, pre, bake_preprocessing)
-    held_out = None
-    if eval_data is not None:        # a bad --eval path fails before the (slow) quantization, not after it
-        raw_e, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
-        held_out = (prepare_inputs(raw_e, pre, bake_preprocessing), labels.numpy() if labels is not None else None)
+    held_out = None if eval_data is None else load_held_out(eval_data, pre, bake_preprocessing, num_eval, seed)
 
     with tempfile.TemporaryDirectory(prefix="repvit-int8-") as td:
         fp32 = Path(td) / "fp32.onnx"

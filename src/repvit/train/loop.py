@@ -178,11 +178,6 @@ def build_optimization(cfg: TrainConfig, model: nn.Module, *, world_size: int, u
     return optimizer, scheduler
 
 
-def _resolve_amp(cfg: TrainConfig, device: torch.device, log, native_bf16: bool | None = None) -> str:
-    """The autocast mode the run uses (see :func:`repvit.train.evaluate.resolve_amp`)."""
-    return resolve_amp(cfg.run.amp, device, log, native_bf16)
-
-
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
           log_fn: Callable[[str], None] | None = None) -> TrainResult:
     """Train as ``cfg`` says, writing the run to ``out_dir`` (or continuing ``resume``)."""
@@ -276,7 +271,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                          "micro-batch: raise run.global_batch or run.batch_size, or use fewer processes")
 
     optimizer, scheduler = build_optimization(cfg, raw_model, world_size=world, updates_per_epoch=updates_per_epoch)
-    amp = _resolve_amp(cfg, device, log)
+    amp = resolve_amp(cfg.run.amp, device, log)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" and device.type == "cuda" else None
 
     # ---- resume

@@ -14,7 +14,8 @@ from ..models.repvit import ClassifierHead, RepViT, RepViTFeatures
 from ..reparam import reparameterize
 from . import layouts
 from .hub import download_weights, get_weights
-from .io import FORMAT_VERSION, CheckpointFormatError, ReadCheckpoint, read_checkpoint, write_state_dict
+from .io import (FORMAT_VERSION, PICKLE_SUFFIXES, CheckpointFormatError, ReadCheckpoint, read_checkpoint,
+                 write_state_dict)
 
 __all__ = ["create_model", "model_from_checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointMismatchError"]
 
@@ -198,7 +199,7 @@ def save_checkpoint(
         raise TypeError(f"save_checkpoint expects a RepViT model, got {type(model).__name__}")
     sd = model.state_dict()
     if format == "repvit":
-        if Path(path).suffix.lower() in (".pth", ".pt", ".bin"):
+        if Path(path).suffix.lower() in PICKLE_SUFFIXES:
             # a pickle carries no metadata: the variant, form and preprocessing would be lost silently
             raise ValueError(f"format 'repvit' is written as safetensors (it carries the variant, form and "
                              f"preprocessing); name the output *.safetensors instead of {Path(path).name}, "

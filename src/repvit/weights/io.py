@@ -176,6 +176,9 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool | None = None) -> 
     return ReadCheckpoint(path, fmt, ours, layouts.analyse_ours(ours), used_ema, parsed_meta)
 
 
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")  # written with torch.save (no metadata); anything else: safetensors
+
+
 def write_state_dict(
     sd: dict[str, torch.Tensor], path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
     torch_container: str | None = None,
@@ -184,7 +187,7 @@ def write_state_dict(
     (e.g. ``"model"`` for the official layout) or the path ends in ``.pth``/``.pt``/``.bin``."""
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     suffix = Path(path).suffix.lower()
-    if torch_container is not None or suffix in (".pth", ".pt", ".bin"):
+    if torch_container is not None or suffix in PICKLE_SUFFIXES:
         obj: Any = {torch_container: sd} if torch_container else sd
         atomic_write(path, lambda tmp: torch.save(obj, tmp))
         return
