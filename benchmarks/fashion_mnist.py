@@ -6,7 +6,8 @@ on the *same* batches (same order, same augmentation), so a busy shared CPU slow
 Parts (all written to OUT/fashion_mnist.json and OUT/fashion_mnist.md):
   main      RepViT-M0.9 vs mobilenetv3_large_100, same recipe / resolution / number of updates
   reparam   RepViT-M0.9 with vs without the training-time re-param branches (1x1 + identity)
-  distill   a larger teacher (RepViT-M1.5) trained first, then M0.9 hard-distilled from it vs no distillation
+  distill   a larger teacher (RepViT-M1.5) trained first, then M0.9 hard-distilled from it vs no distillation;
+            --teacher-ckpt uses an already trained teacher (evaluated and reported), --student another student
   speed     training images/s of our RepViT-M0.9 vs timm's repvit_m0_9 in the same loop (ratio), and the
             effect of channels_last and bf16 autocast on this CPU (and of torch.compile with --speed-compile)
 
@@ -261,7 +262,7 @@ def run_parallel(args, part: str, arms: list[str], epochs: float, root: Path, lo
         for kv in args.overrides:
             cmd += ["--set", kv]
         if part == "distill" and args.teacher_ckpt:
-            cmd += ["--teacher-ckpt", args.teacher_ckpt, "--teacher", args.teacher]
+            cmd += ["--teacher-ckpt", args.teacher_ckpt, "--teacher", args.teacher, "--student", args.student]
         if args.quick:
             cmd.append("--quick")
         procs.append((arm, sub, subprocess.Popen(cmd)))
@@ -395,6 +396,7 @@ def main() -> int:
     ap.add_argument("--teacher-threads", type=int, default=os.cpu_count() or 1,
                     help="threads for training the teacher (default: all CPUs; nothing else runs meanwhile)")
     ap.add_argument("--teacher-ckpt", help="use this trained teacher instead of training one")
+    ap.add_argument("--student", default="repvit_m0_9", help="student of the distillation ablation")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing fashion_mnist.json in --out-dir (otherwise the run refuses to start)")
@@ -488,19 +490,24 @@ def main() -> int:
     far = time.time() + 10 * 24 * 3600
     arms = args.arms.split(",") if args.arms else None
 
+    # the distillation arms are named after the student: m0_9_hard_kd / m0_9_no_kd for the default M0.9
+    kd_arms = [f"{args.student.removeprefix('repvit_')}_{kind}" for kind in ("hard_kd", "no_kd")]
+
     def student(arm: str) -> Trainer:
-        """One arm of an ablation: re-param branches on/off, or M0.9 with/without hard KD."""
+        """One arm of an ablation: re-param branches on/off, or the student with/without hard KD."""
         if arm == "reparam_off":
             return Trainer(arm, strip_reparam_branches(build_model("repvit_m0_9", num_classes=10, in_chans=1)),
                            cfg, abl_total)
-        if arm == "m0_9_hard_kd":
+        if arm == kd_arms[0]:
             if not args.teacher_ckpt:
-                raise ValueError("arm m0_9_hard_kd needs --teacher-ckpt")
+                raise ValueError(f"arm {arm} needs --teacher-ckpt")
             import repvit
             teacher = FrozenTeacher(repvit.create_model(args.teacher, checkpoint=args.teacher_ckpt))
-            return Trainer(arm, build_model("repvit_m0_9", num_classes=10, in_chans=1, distillation=True), cfg,
+            return Trainer(arm, build_model(args.student, num_classes=10, in_chans=1, distillation=True), cfg,
                            abl_total, teacher=teacher)
-        if arm in ("reparam_on", "m0_9_no_kd"):
+        if arm == kd_arms[1]:
+            return Trainer(arm, build_model(args.student, num_classes=10, in_chans=1), cfg, abl_total)
+        if arm == "reparam_on":
             return Trainer(arm, build_model("repvit_m0_9", num_classes=10, in_chans=1), cfg, abl_total)
         raise ValueError(f"unknown ablation arm {arm!r}")
 
@@ -520,8 +527,17 @@ def main() -> int:
         save()
 
     if "distill" in parts:
-        if args.teacher_ckpt:   # a per-arm process of --parallel: the parent trained the teacher
-            results["distill"] = {"students": ablation("distill", ["m0_9_hard_kd", "m0_9_no_kd"])}
+        if args.teacher_ckpt and args.arms:   # a per-arm process of --parallel: the parent has the teacher
+            results["distill"] = {"students": ablation("distill", kd_arms)}
+        elif args.teacher_ckpt:   # a teacher trained elsewhere (e.g. a long `repvit train` run): report its accuracy
+            import repvit
+            log(f"part distill: teacher {args.teacher} from {args.teacher_ckpt}, then {args.student} +/- hard KD")
+            t_eval = evaluate(repvit.create_model(args.teacher, checkpoint=args.teacher_ckpt), bundle.val,
+                              device=torch.device("cpu"), batch_size=256)
+            results["distill"] = {"teacher_eval": {"model": args.teacher, "checkpoint": args.teacher_ckpt,
+                                                   "top1": t_eval["top1"], "top5": t_eval["top5"]}}
+            log(f"teacher top-1 {t_eval['top1']:.2f} %")
+            results["distill"]["students"] = ablation("distill", kd_arms)
         else:
             import repvit
             name = args.teacher
@@ -536,7 +552,7 @@ def main() -> int:
             args.teacher_ckpt = str(out_dir / "_parallel" / "distill" / "teacher.safetensors")
             Path(args.teacher_ckpt).parent.mkdir(parents=True, exist_ok=True)
             repvit.save_checkpoint(copy.deepcopy(teacher_model), args.teacher_ckpt)
-            results["distill"] = {"teacher": t_res, "students": ablation("distill", ["m0_9_hard_kd", "m0_9_no_kd"])}
+            results["distill"] = {"teacher": t_res, "students": ablation("distill", kd_arms)}
         save()
 
     results["wall_minutes"] = round((time.time() - t_start) / 60, 1)
@@ -576,6 +592,9 @@ def render_md(r: dict) -> str:
         table(r["reparam"])
     if "distill" in r:
         teacher = r["distill"].get("teacher", {}).get("model", "a larger teacher")
+        if "teacher_eval" in r["distill"]:
+            te = r["distill"]["teacher_eval"]
+            teacher = f"{te['model']} ({Path(te['checkpoint']).name}, test top-1 {te['top1']:.2f} %)"
         out.append(f"**Ablation: hard distillation from {teacher} trained first**")
         table([*([r["distill"]["teacher"]] if "teacher" in r["distill"] else []), *r["distill"]["students"]])
     if "speed" in r:
