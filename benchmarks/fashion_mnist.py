@@ -542,7 +542,7 @@ def main() -> int:
             import repvit
             name = args.teacher
             log(f"part distill: teacher {name} trained first ({abl_total} updates, {args.teacher_threads} "
-                f"thread(s)), then M0.9 +/- hard KD")
+                f"thread(s)), then {args.student} +/- hard KD")
             torch.set_num_threads(args.teacher_threads)
             teacher_t = Trainer(f"teacher_{name}", build_model(name, num_classes=10, in_chans=1), cfg, abl_total)
             side_by_side([teacher_t], bundle, cfg, abl_epochs, far, log)
