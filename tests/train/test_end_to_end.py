@@ -11,6 +11,7 @@ import repvit
 from repvit.cli import main
 from repvit.train import train
 from repvit.train.config import config_from_dict
+from repvit.weights.io import read_checkpoint
 
 from trainhelpers import tiny_config
 
@@ -31,6 +32,12 @@ def test_short_run_writes_the_run_directory_contract(tmp_path, capsys):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["eval", str(tmp_path / "missing.safetensors"), "--data", "digits"]) == 2
     assert "not found" in capsys.readouterr().err
+    # `repvit convert last.pt` names the run's own checkpoint as ours (it has timm-like keys, but is not timm's)
+    ck = read_checkpoint(run / "last.pt", use_ema=True)
+    assert ck.source_format == "repvit" and ck.used_ema and ck.metadata["preprocessing"]["input_size"] == [1, 16, 16]
+    assert main(["convert", str(run / "last.pt"), str(tmp_path / "ema.safetensors"), "--use-ema", "--deploy"]) == 0
+    out = capsys.readouterr().out
+    assert "repvit-format checkpoint" in out and "timm-format" not in out
 
 
 @pytest.mark.slow

@@ -99,10 +99,45 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run = tmp_path / "nan"
     cfg = tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=8", "run.checkpoint_every_steps=1",
                       "optim.lr=1.0e+6", "optim.clip_mode=none", "schedule.warmup_epochs=0", "aug.smoothing=0.0")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* update (\d+)") as err:
+    # lr 1e6 blows up within a few updates: either the loss turns NaN/inf, or a step with a finite loss overflows
+    # the weights first (which of the two depends on the CPU's float kernels); both must stop before a checkpoint
+    with pytest.raises(NonFiniteLossError, match=r"non-finite (loss|weights) .* update (\d+)") as err:
         train(cfg, run)
     failed_update = int(__import__("re").search(r"update (\d+)", str(err.value)).group(1))
     state = load_state(run)
     assert state["step"] == failed_update - 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
     assert "last good checkpoint" in str(err.value)
+
+
+def test_a_step_that_overflows_the_weights_stops_before_any_checkpoint(tmp_path, monkeypatch):
+    """A step whose loss was finite can still leave inf in the weights (here: the optimizer's third step writes
+    one, as an overflowing update would): the run stops right there, naming that update, and the checkpoint
+    written after update 2 stays the last one, with finite weights."""
+    import repvit.train.loop as loop
+    real = loop.build_optimization
+
+    def poisoned(*a, **kw):
+        opt, sched = real(*a, **kw)
+        step, calls = opt.step, []
+
+        def bad_step(*sa, **skw):
+            out = step(*sa, **skw)
+            calls.append(1)
+            if len(calls) == 3:
+                with torch.no_grad():
+                    opt.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+            return out
+        opt.step = bad_step
+        return opt, sched
+
+    monkeypatch.setattr(loop, "build_optimization", poisoned)
+    run = tmp_path / "inf"
+    cfg = tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=5", "run.checkpoint_every_steps=1")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights after epoch 1, update 3 .*last good checkpoint"):
+        train(cfg, run)
+    state = load_state(run)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()

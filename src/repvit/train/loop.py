@@ -471,6 +471,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                     empty_updates += 1                   # no readable sample anywhere: nothing to step
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if upd_real > 0:
+                    # a finite loss can still take a step that overflows the weights; catch it here, before the
+                    # EMA or a checkpoint takes them in (same weights on every rank, so every rank stops together)
+                    _check_finite_weights(raw_model, epoch, step, run_dir)
                 if ema is not None:
                     ema.update(raw_model, step=step)
                 scheduler.step_update(step)
@@ -569,6 +573,21 @@ def _no_pretrained(cfg: TrainConfig) -> TrainConfig:
     c = copy.deepcopy(cfg)
     c.model.pretrained = None
     return c
+
+
+def _check_finite_weights(model: nn.Module, epoch: int, step: int, run_dir: Path) -> None:
+    """Stop when update ``step`` left a NaN/inf in the weights or the BatchNorm statistics (one reduction).
+
+    In training mode BatchNorm normalises with the batch's own variance, so an overflowed ``running_var`` (inf)
+    still gives a finite loss; it only shows in eval mode, and in a checkpoint."""
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if tensors and not bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+        last = run_dir / "last.pt"
+        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"non-finite weights after epoch {epoch + 1}, update {step} (its loss was finite; the step or the "
+            f"BatchNorm statistics overflowed); "
+            f"stopping. {where}. Lower optim.base_lr, keep clipping on, or try run.amp=bf16/none, then --resume.")
 
 
 def _check_finite(loss: torch.Tensor | None, di: DistInfo, epoch: int, step: int, micro: int, run_dir: Path,

@@ -155,6 +155,8 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool | None = None) -> 
         info = obj.get("data_info")
         if isinstance(info, dict) and isinstance(info.get("preprocessing"), dict):
             meta["preprocessing"] = json.dumps(info["preprocessing"])
+        if isinstance(info, dict) and isinstance(obj.get("config"), dict):
+            meta["format"] = "repvit"  # our own training checkpoint (last.pt): report it as such, not as timm's
     sd = _strip_prefix({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
     if any(k.startswith("features.") for k in sd):
         fmt, ours = "official", layouts.official_to_ours(sd)
