@@ -3,8 +3,9 @@
 For each dataset (Fashion-MNIST, scikit-learn digits) a small RepViT is trained on CPU with a minimal
 loop (cached as a repvit checkpoint, so reruns skip it), then exported to fp32 ONNX and quantized
 with several recipes: ONNX Runtime QDQ (per-tensor / per-channel weights, sensitive layers kept in
-float) and OpenVINO via NNCF (everything NNCF quantizes, the default, and depthwise kept float), each
-against the fp32 model in the same runtime. Accuracy is
+float), OpenVINO via NNCF (everything NNCF quantizes, the default, and depthwise kept float) and ExecuTorch
+(PT2E + XNNPACK, per-channel / per-tensor; batch 1 only), each against the fp32 model in the same runtime;
+plus OpenVINO bf16 where the CPU has native bf16. Accuracy is
 measured on the held-out split; latency is measured interleaved (every repeat runs every model in
 turn) and reported as median and spread, with speed-ups as ratios to the best fp32 runtime.
 
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import repvit
+from repvit.bench.machine import native_bf16
 from repvit.export.calib import _builtin_arrays, _to_model_input, load_images
 from repvit.export.common import atomic_write_text
 from repvit.export.onnx_export import export_onnx, ort_session
@@ -49,6 +51,14 @@ try:  # OpenVINO + NNCF rows are added when both are installed (pip install 'rep
 except Exception:  # noqa: BLE001 - any import failure just drops the OpenVINO rows
     HAVE_OPENVINO = False
 
+try:  # ExecuTorch (XNNPACK) rows when executorch is installed (pip install 'repvit[executorch]'); batch 1 only
+    from repvit.export.executorch_int8 import _runtime_method, evaluate_pte, executorch_threads, quantize_executorch
+    from repvit.export.torch_formats import export_executorch
+    import executorch.runtime  # noqa: F401
+    HAVE_EXECUTORCH = True
+except Exception:  # noqa: BLE001 - any import failure just drops the ExecuTorch rows
+    HAVE_EXECUTORCH = False
+
 # recipes compared: name -> quantize_onnx keyword arguments
 RECIPES = {
     "int8 per-tensor": dict(per_channel=False),
@@ -60,6 +70,11 @@ RECIPES = {
 OV_RECIPES = {
     "openvino int8 (NNCF)": dict(keep_float=()),
     "openvino int8 (NNCF, depthwise float)": dict(keep_float=("depthwise",)),
+}
+# ExecuTorch (PT2E + XNNPACKQuantizer, lowered to XNNPACK) recipes: name -> quantize_executorch keyword arguments
+ET_RECIPES = {
+    "executorch int8 (PT2E per-channel)": dict(per_channel=True),
+    "executorch int8 (PT2E per-tensor)": dict(per_channel=False),
 }
 
 
@@ -132,6 +147,21 @@ def train_model(dataset: str, variant: str, img: int, seconds: float, ckpt: Path
             "final_loss": round(statistics.mean(losses[-20:]), 4)}
 
 
+def _machine() -> str:
+    """CPU model, core count and the ISA extensions that decide INT8/bf16 kernels (VNNI, BF16, AMX)."""
+    from repvit.bench.machine import cpu_flags, _cpuinfo
+    flags = [k for k, v in cpu_flags().items() if v]
+    return f"{_cpuinfo()[0] or platform.machine()}, {os.cpu_count()} CPUs; ISA: {', '.join(flags) or 'unknown'}"
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def time_interleaved(runners: dict, repeats: int, iters: int) -> dict:
     """Per runner: median / min / max milliseconds per call over ``repeats`` interleaved rounds."""
     for fn in runners.values():  # warm-up
@@ -181,6 +211,12 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
         ov_ref = evaluate_openvino(fp32, x, y, threads=args.threads)
         rows["openvino fp32"] = {"top1": ov_ref["top1"]}
         ov_paths["openvino fp32"] = fp32
+        if native_bf16():   # bf16 only where the CPU has it (AVX512-BF16/AMX); elsewhere OpenVINO would run f32
+            res = evaluate_openvino(fp32, x, y, threads=args.threads, precision="bf16")
+            rows["openvino bf16"] = {"top1": res["top1"], "top1_drop": ov_ref["top1"] - res["top1"],
+                                     "agreement_pct": float((res["pred"] == ov_ref["pred"]).mean() * 100)}
+            ov_paths["openvino bf16"] = fp32
+            print(f"[{ds}] openvino bf16: top1 {res['top1']:.2f} (OpenVINO fp32 {ov_ref['top1']:.2f})", flush=True)
         for name, kw in OV_RECIPES.items():
             p = workdir / f"{ds}_ov_{len(ov_paths)}.xml"
             t = time.perf_counter()
@@ -191,6 +227,24 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
                           "int8_primitives": info["int8_primitives"]}
             ov_paths[name] = p
             print(f"[{ds}] {name}: top1 {res['top1']:.2f} (OpenVINO fp32 {ov_ref['top1']:.2f})", flush=True)
+    et_paths = {}
+    if HAVE_EXECUTORCH:
+        etf = workdir / f"{ds}_fp32.pte"
+        export_executorch(model, etf, sidecar=False)
+        et_ref = evaluate_pte(etf, x, y)
+        rows["executorch fp32 (XNNPACK)"] = {"top1": et_ref["top1"]}
+        et_paths["executorch fp32 (XNNPACK)"] = etf
+        for name, kw in ET_RECIPES.items():
+            p = workdir / f"{ds}_et_{len(et_paths)}.pte"
+            t = time.perf_counter()
+            info = quantize_executorch(model, p, calib=ds, num_calib=min(args.num_calib, 300), sidecar=False,
+                                       measure_latency=False, **kw)
+            res = evaluate_pte(p, x, y)
+            rows[name] = {"top1": res["top1"], "agreement_pct": float((res["pred"] == et_ref["pred"]).mean() * 100),
+                          "top1_drop": et_ref["top1"] - res["top1"], "quantize_s": round(time.perf_counter() - t, 1),
+                          "size_mb": round(p.stat().st_size / 1e6, 2), "fp32_size_mb": round(etf.stat().st_size / 1e6, 2)}
+            et_paths[name] = p
+            print(f"[{ds}] {name}: top1 {res['top1']:.2f} (ExecuTorch fp32 {et_ref['top1']:.2f})", flush=True)
     for name, kw in RECIPES.items():
         p = workdir / f"{ds}_{name.replace(' ', '_').replace(',', '').replace('+', '_')}.onnx"
         t = time.perf_counter()
@@ -214,8 +268,14 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
             iname = s.get_inputs()[0].name
             runners[name] = (lambda s=s, iname=iname, xb=xb: s.run(None, {iname: xb}))
         for name, p in ov_paths.items():
-            req = openvino_session(p, threads=args.threads, batch=b).create_infer_request()
+            req = openvino_session(p, threads=args.threads, batch=b,
+                                   precision="bf16" if name.endswith("bf16") else None).create_infer_request()
             runners[name] = (lambda req=req, xb=xb: req.infer({0: xb}))
+        if b == 1 and et_paths:      # ExecuTorch XNNPACK programs are specialised to batch 1
+            executorch_threads(args.threads)
+            for name, p in et_paths.items():
+                m = _runtime_method(p)
+                runners[name] = (lambda m=m, tb=tb: m.execute([tb]))
         with torch.no_grad():
             t = time_interleaved(runners, args.repeats, max(1, args.iters // b))
         best_fp32 = min(v["median_ms"] for k, v in t.items() if "fp32" in k)
@@ -272,7 +332,7 @@ def speed_markdown(res: dict) -> str:
 
 def to_markdown(res: dict) -> str:
     variants = ", ".join(sorted({r.get("variant", res["variant"]) for r in res["datasets"].values()})) or res["variant"]
-    lines = [f"# INT8 (ONNX Runtime QDQ static, OpenVINO NNCF) vs fp32 - {variants}",
+    lines = [f"# INT8 (ONNX Runtime QDQ static, OpenVINO NNCF, ExecuTorch XNNPACK) and bf16 vs fp32 - {variants}",
              "", "INT8 rows compare with the fp32 model in the same runtime (drop and agreement); speed-ups are "
              "against the best fp32 runtime.", "",
              f"Machine: {res['machine']}; {res['threads']} threads; {res['repeats']} interleaved repeats "
@@ -288,10 +348,11 @@ def to_markdown(res: dict) -> str:
             cells = [name, f"{a['top1']:.2f}", f"{a.get('top1_drop', 0.0):+.2f}" if "top1_drop" in a else "-",
                      f"{a['agreement_pct']:.1f}" if "agreement_pct" in a else "-"]
             for b in bkeys:
-                s = r["speed"][b][name]
-                cells.append(f"{s['median_ms']:.2f} [{s['min_ms']:.2f}-{s['max_ms']:.2f}]")
+                s = r["speed"][b].get(name)
+                cells.append(f"{s['median_ms']:.2f} [{s['min_ms']:.2f}-{s['max_ms']:.2f}]" if s else "-")
             for b in bkeys:
-                cells.append(f"{r['speed'][b][name]['speedup_vs_best_fp32']:.2f}x")
+                s = r["speed"][b].get(name)
+                cells.append(f"{s['speedup_vs_best_fp32']:.2f}x" if s else "-")
             lines.append("| " + " | ".join(cells) + " |")
         if r["train"]:
             lines += ["", f"Training: {r['train']}"]
@@ -334,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = {"variant": args.variant, "img": args.img, "threads": args.threads, "repeats": args.repeats,
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+           "machine": _machine(),
            "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
            "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-                        "openvino": __import__("openvino").__version__ if HAVE_OPENVINO else None},
+                        "openvino": __import__("openvino").__version__ if HAVE_OPENVINO else None,
+                        "executorch": _dist_version("executorch") if HAVE_EXECUTORCH else None},
            "datasets": {}}
     if args.speed_sizes:
         with tempfile.TemporaryDirectory(prefix="repvit-int8-speed-") as td:

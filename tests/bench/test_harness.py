@@ -185,6 +185,31 @@ def test_openvino_int8_runtime_prepares_and_runs(tmp_path: Path):
     assert prims.get("u8", 0) + prims.get("i8", 0) > 10, prims
 
 
+def test_executorch_runtimes_prepare_and_run_any_model(tmp_path: Path):
+    """The generic path (peers from timm take it): fp32 XNNPACK program equal to eager, and an INT8 one."""
+    pytest.importorskip("executorch.runtime")
+    import torch
+    from torch import nn
+
+    from repvit.bench.runtimes import prepare
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    run, facts = prepare("executorch", model, x, tmp_path, threads=1, tag="tiny")
+    with torch.no_grad():
+        ref = model(x)
+    assert facts["dtype"] == "fp32" and facts["threads_runtime"] in (1, None)
+    assert torch.allclose(run()[0], ref, atol=1e-4)
+    run8, facts8 = prepare("executorch_int8", model, x, tmp_path, threads=1, tag="tiny")
+    out8 = run8()[0]
+    assert facts8["dtype"] == "int8" and "random calibration" in facts8["note"]
+    # an INT8 program: near fp32 (in range) but not the fp32 program under another name
+    assert out8.shape == (1, 10) and not torch.equal(out8, run()[0])
+    assert (out8 - ref).abs().max() < ref.abs().max()
+    assert (tmp_path / "tiny.executorch_int8.pte").stat().st_size < (tmp_path / "tiny.executorch.pte").stat().st_size
+
+
 def test_gpu_mode_is_guarded(capsys):
     import torch
     if torch.cuda.is_available():

@@ -54,7 +54,8 @@ def test_openvino_backend_errors(digits_ckpt, tmp_path, capsys):  # noqa: F811
     ckpt, fused = digits_ckpt
     cases = [
         (["--backend", "openvino", "--out", str(tmp_path / "m.onnx")], "must end in .xml"),
-        (["--per-tensor", "--out", str(tmp_path / "m.xml")], "onnxruntime only"),
+        (["--per-tensor", "--out", str(tmp_path / "m.xml")], "--per-tensor do not apply to --backend openvino"),
+        (["--preset", "mixed", "--out", str(tmp_path / "m.onnx")], "(only to openvino)"),
         (["--backend", "onnxruntime", "--out", str(tmp_path / "m.xml")], "OpenVINO IR"),
         (["--keep-float", "none", "se", "--out", str(tmp_path / "m.xml")], "cannot be combined"),
     ]

@@ -60,11 +60,11 @@ def digits_ckpt(tmp_path_factory) -> tuple:
     return path, fused
 
 
-def quantize_cli_within_bound(ckpt, out, num_calib: int, capsys) -> dict:
+def quantize_cli_within_bound(ckpt, out, num_calib: int, capsys, extra: list[str] | None = None) -> dict:
     """``repvit quantize CKPT --calib digits --eval digits --out OUT --json``; checks the stated accuracy
     bound on the whole held-out digits split and returns the sidecar dict the CLI printed."""
     rc = cli_main(["quantize", str(ckpt), "--calib", "digits", "--num-calib", str(num_calib), "--eval", "digits",
-                   "--out", str(out), "--json"])
+                   "--out", str(out), "--json", *(extra or [])])
     assert rc == 0
     info = json.loads(capsys.readouterr().out)
     e = info["eval"]

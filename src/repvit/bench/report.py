@@ -25,7 +25,7 @@ def machine_line(m: dict) -> str:
         load = f"; load avg (1 min) {m['load_avg_1m_start']:.2f} at start, {m.get('load_avg_1m_end', float('nan')):.2f} at end"
     return (f"{m['cpu_model']}, {m['logical_cpus']} logical CPUs, {m['threads']} threads pinned to CPUs "
             f"{m.get('cpus')}; ISA: {flags}; native bf16: {m.get('native_bf16')}; torch {m['torch']}, "
-            f"onnxruntime {m.get('onnxruntime')}, openvino {m.get('openvino')}, timm {m.get('timm')}{load}")
+            f"onnxruntime {m.get('onnxruntime')}, openvino {m.get('openvino')}, executorch {m.get('executorch')}, timm {m.get('timm')}{load}")
 
 
 def _rows_table(rows: list[dict]) -> list[str]:

@@ -12,6 +12,9 @@ openvino             OpenVINO CPU fp32 (if installed)
 openvino_int8        OpenVINO CPU INT8 via NNCF post-training quantization (RepViT: 32 digits calibration
                      images; other models: random calibration; speed only)
 openvino_bf16        OpenVINO CPU bf16 (only where the CPU has native bf16)
+executorch           ExecuTorch program delegated to XNNPACK fp32 (the phone runtime; if executorch is installed)
+executorch_int8      ExecuTorch XNNPACK INT8 via PT2E (RepViT: repvit.export.quantize_executorch on 16 digits
+                     calibration images; other models: random calibration; speed only)
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from .machine import native_bf16
 __all__ = ["RUNTIMES", "DEFAULT_RUNTIMES", "RuntimeUnavailable", "prepare", "export_onnx"]
 
 RUNTIMES = ("eager", "eager_cl", "torchscript", "eager_bf16", "compile", "onnxruntime", "onnxruntime_int8", "openvino",
-            "openvino_int8", "openvino_bf16")
+            "openvino_int8", "openvino_bf16", "executorch", "executorch_int8")
 DEFAULT_RUNTIMES = ("eager", "onnxruntime")
-DTYPE = {"eager_bf16": "bf16", "openvino_bf16": "bf16", "onnxruntime_int8": "int8", "openvino_int8": "int8"}
+DTYPE = {"eager_bf16": "bf16", "openvino_bf16": "bf16", "onnxruntime_int8": "int8", "openvino_int8": "int8",
+         "executorch_int8": "int8"}
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -167,6 +171,9 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
         except Exception as e:
             raise RuntimeUnavailable(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}") from e
         return run, facts
+    if runtime.startswith("executorch"):
+        return _executorch(model, example, workdir / f"{tag}.{runtime}.pte", threads, int8=runtime.endswith("int8"),
+                           facts=facts)
     if runtime.startswith("onnxruntime") or runtime.startswith("openvino"):
         onnx_path = workdir / f"{tag}.onnx"
         if not onnx_path.exists():
@@ -221,6 +228,37 @@ def _openvino_int8(model: nn.Module, onnx_path: Path, out: Path, example: torch.
     except Exception as e:
         raise RuntimeUnavailable(f"NNCF INT8 quantisation failed: {type(e).__name__}: {str(e)[:200]}") from e
     return out
+
+
+def _executorch(model: nn.Module, example: torch.Tensor, out: Path, threads: int, *, int8: bool, facts: dict):
+    """An ExecuTorch XNNPACK program of ``model`` run by the ExecuTorch runtime (batch 1, the example's shape)."""
+    try:
+        from ..export.executorch_int8 import _runtime_method, executorch_threads, quantize_executorch, xnnpack_program
+        import executorch.runtime  # noqa: F401  (the runtime must load, not just the exporter)
+    except Exception as e:
+        raise RuntimeUnavailable(f"executorch is not usable here ({type(e).__name__}: {str(e)[:120]}); "
+                                 "pip install 'repvit[executorch]'") from e
+    from ..models import RepViT
+    if not out.exists():
+        try:
+            if int8 and isinstance(model, RepViT):
+                quantize_executorch(model, out, calib="digits", num_calib=16, input_size=tuple(example.shape[-2:]),
+                                    sidecar=False, measure_latency=False)
+                facts["note"] = "PT2E XNNPACK INT8, 16 digits calibration images; speed only"
+            else:
+                calib = torch.randn((4, *example.shape[1:]), generator=torch.Generator().manual_seed(0)) if int8 else None
+                prog, _ = xnnpack_program(model.eval(), example, calib=calib)
+                out.write_bytes(prog.buffer)
+                if int8:
+                    facts["note"] = "PT2E XNNPACK INT8, random calibration; speed only"
+        except RuntimeError as e:
+            raise RuntimeUnavailable(f"ExecuTorch lowering failed: {str(e)[:200]}") from e
+        except Exception as e:
+            raise RuntimeUnavailable(f"ExecuTorch lowering failed: {type(e).__name__}: {str(e)[:200]}") from e
+    facts["threads_runtime"] = executorch_threads(threads)   # the process-wide XNNPACK pool, as the harness asks
+    facts["model_file"] = out.name
+    method = _runtime_method(out)
+    return (lambda: method.execute([example])), facts
 
 
 def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:

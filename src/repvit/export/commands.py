@@ -44,11 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", metavar="FILE", help="Core ML: text file with one class label per line")
     p.set_defaults(func=_export)
 
-    q = sub.add_parser("quantize", help="INT8 post-training static quantization (ONNX Runtime QDQ or OpenVINO/NNCF)",
+    q = sub.add_parser("quantize", help="INT8 post-training static quantization (ONNX Runtime QDQ, OpenVINO/NNCF or "
+                                        "ExecuTorch/XNNPACK)",
                        description="Quantize the fused model to INT8, calibrated on real images, and optionally "
                                    "report the accuracy change on a held-out set. Backends: onnxruntime (a QDQ "
-                                   ".onnx file) and openvino (NNCF, an OpenVINO IR .xml + .bin: the fastest on x86 "
-                                   "CPUs with VNNI). The backend follows the --out suffix unless given.")
+                                   ".onnx file), openvino (NNCF, an OpenVINO IR .xml + .bin: the fastest on x86 "
+                                   "CPUs with VNNI) and executorch (PT2E + XNNPACK, a .pte program for Android/iOS). "
+                                   "The backend follows the --out suffix unless given.")
     _source_args(q)
     q.add_argument("--calib", required=True, metavar="NAME_OR_PATH",
                    help="calibration images: a folder, or fashion-mnist / digits (their train split)")
@@ -57,12 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out set to compare fp32 and INT8 top-1 on (fashion-mnist/digits val split, or a "
                         "folder with class sub-folders)")
     q.add_argument("--num-eval", type=int, default=2000, help="held-out images (default 2000)")
-    q.add_argument("--backend", choices=("onnxruntime", "openvino"),
-                   help="default: openvino for an .xml output, onnxruntime otherwise")
+    q.add_argument("--backend", choices=("onnxruntime", "openvino", "executorch"),
+                   help="default: openvino for an .xml output, executorch for .pte, onnxruntime otherwise")
     q.add_argument("--preset", choices=("performance", "mixed"), default="performance",
                    help="openvino: symmetric (performance) or asymmetric (mixed) activations")
     q.add_argument("--per-tensor", action="store_true",
-                   help="onnxruntime: per-tensor weight scales (default: per-channel)")
+                   help="onnxruntime/executorch: per-tensor weight scales (default: per-channel)")
     q.add_argument("--keep-float", nargs="+", choices=("none", "stem", "depthwise", "se", "head"),
                    help="layer groups left in float (remedies for sensitive layers; default none)")
     q.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
@@ -142,21 +144,39 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# backends that write their own file type: output suffix and what such a file is
+_BACKEND_FILES = {"openvino": (".xml", "OpenVINO IR"), "executorch": (".pte", "an ExecuTorch program")}
+# backend-specific options: which backends each applies to, and whether the command line set it
+_BACKEND_FLAGS = {
+    "--per-tensor": (("onnxruntime", "executorch"), lambda a: a.per_tensor),
+    "--method": (("onnxruntime",), lambda a: a.method != "minmax"),
+    "--opset": (("onnxruntime",), lambda a: a.opset != 20),
+    "--preset": (("openvino",), lambda a: a.preset != "performance"),
+    "--no-vnni-target": (("onnxruntime", "openvino"), lambda a: a.no_vnni_target != "auto"),
+}
+
+
+def _check_backend(args: argparse.Namespace, out: Path) -> str:
+    """The backend (given, or from the --out suffix), after refusing options and suffixes that do not fit it."""
+    backend = args.backend or next((b for b, (suf, _) in _BACKEND_FILES.items() if out.suffix == suf), "onnxruntime")
+    bad = [flag for flag, (backends, used) in _BACKEND_FLAGS.items() if used(args) and backend not in backends]
+    if bad:
+        where = ", ".join(sorted({b for f in bad for b in _BACKEND_FLAGS[f][0]}))
+        raise ValueError(f"{', '.join(bad)} do not apply to --backend {backend} (only to {where})")
+    for name, (suffix, what) in _BACKEND_FILES.items():
+        if backend == name and out.suffix != suffix:
+            raise ValueError(f"the {name} backend writes {what}: --out must end in {suffix} "
+                             f"(e.g. {out.with_suffix(suffix)})")
+        if backend != name and out.suffix == suffix:
+            raise ValueError(f"a {suffix} output is {what}; use --backend {name} or an .onnx path")
+    return backend
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from .common import check_writable
 
     out = Path(args.out)
-    backend = args.backend or ("openvino" if out.suffix == ".xml" else "onnxruntime")
-    if backend == "openvino":
-        ort_only = [flag for flag, used in (("--per-tensor", args.per_tensor), ("--method", args.method != "minmax"),
-                                            ("--opset", args.opset != 20)) if used]
-        if ort_only:
-            raise ValueError(f"{', '.join(ort_only)} apply to --backend onnxruntime only")
-        if out.suffix != ".xml":
-            raise ValueError(f"the openvino backend writes OpenVINO IR: --out must end in .xml "
-                             f"(e.g. {out.with_suffix('.xml')})")
-    elif out.suffix == ".xml":
-        raise ValueError("an .xml output is OpenVINO IR; use --backend openvino or an .onnx path")
+    backend = _check_backend(args, out)
     check_writable(out)
     if args.keep_float is None:
         keep_float = []
@@ -169,7 +189,26 @@ def _quantize(args: argparse.Namespace) -> int:
     model = _load(args)
     size = tuple(args.input_size) if args.input_size else None
     no_vnni = {"auto": None, "yes": True, "no": False}[args.no_vnni_target]
-    if backend == "openvino":
+    if backend == "executorch":
+        from .executorch_int8 import quantize_executorch
+        info = quantize_executorch(model, out, calib=args.calib, input_size=size, num_calib=args.num_calib,
+                                   per_channel=not args.per_tensor, keep_float=keep_float,
+                                   bake_preprocessing=args.bake_preprocessing, eval_data=args.eval_data,
+                                   num_eval=args.num_eval)
+        q = info["quantization"]
+        lines = [f"wrote {out} (ExecuTorch XNNPACK INT8, {q['weights']} weights, calibrated on "
+                 f"{q['calibration']['images']} images of {q['calibration']['source']}; "
+                 f"conv/linear layers: {info['layers']['int8']} int8, {info['layers']['float']} float)"]
+        v = info.get("validation", {})
+        if "max_abs_diff_vs_pt2e" in v:
+            lines.append(f"ExecuTorch runtime vs the PT2E reference: max |diff| {v['max_abs_diff_vs_pt2e']:.3g}")
+        elif "skipped" in v:
+            lines.append(f"not run: {v['skipped']}")
+        if "latency_ms_batch1" in info:
+            lat = info["latency_ms_batch1"]
+            lines.append(f"batch-1 latency in the ExecuTorch runtime on this CPU ({lat['threads']} threads, "
+                         f"indicative): fp32 {lat['fp32']:.3f} ms, INT8 {lat['int8']:.3f} ms ({lat['speedup']:.2f}x)")
+    elif backend == "openvino":
         from .openvino_int8 import quantize_openvino
         info = quantize_openvino(model, out, calib=args.calib, input_size=size, num_calib=args.num_calib,
                                  keep_float=keep_float, preset=args.preset,

@@ -133,9 +133,10 @@ def openvino_session(path: str | os.PathLike, *, threads: int | None = None, lat
 
 
 def evaluate_openvino(path: str | os.PathLike, inputs: np.ndarray, labels: np.ndarray | None, *,
-                      threads: int | None = None) -> dict[str, Any]:
-    """Top-1 (if labels) and predictions of an OpenVINO classifier, one image per request."""
-    compiled = openvino_session(path, threads=threads, batch=1)
+                      threads: int | None = None, precision: str | None = None) -> dict[str, Any]:
+    """Top-1 (if labels) and predictions of an OpenVINO classifier, one image per request (``precision`` as in
+    :func:`openvino_session`, e.g. ``bf16``)."""
+    compiled = openvino_session(path, threads=threads, batch=1, precision=precision)
     req = compiled.create_infer_request()
     logits = np.concatenate([np.asarray(req.infer({0: inputs[i:i + 1]})[0]) for i in range(len(inputs))])
     return classification_result(logits, labels)
