@@ -234,7 +234,7 @@ def _quantize(args: argparse.Namespace) -> int:
         e = info["eval"]
         if "top1_fp32" in e:
             lines.append(f"held-out {e['source']} ({e['images']} images): top-1 fp32 {e['top1_fp32']:.2f}%, "
-                         f"INT8 {e['top1_int8']:.2f}% (change {-e['top1_drop']:+.2f} points), "
+                         f"INT8 {e['top1_int8']:.2f}% (change {0.0 - e['top1_drop']:+.2f} points), "
                          f"prediction agreement {e['agreement_pct']:.1f}%")
         else:
             lines.append(f"held-out {e['source']}: prediction agreement with fp32 {e['agreement_pct']:.1f}%")

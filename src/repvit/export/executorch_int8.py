@@ -131,15 +131,19 @@ def _layer_precisions(gm: torch.fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-def _median_ms(fn, x: torch.Tensor, iters: int = 30) -> float:
-    for _ in range(5):
-        fn(x)
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts) * 1e3)
+def _interleaved_ms(fns: dict[str, Any], x: torch.Tensor, rounds: int = 7, iters: int = 5) -> dict[str, float]:
+    """Median ms per call of each function, timed in alternating rounds (so drift hits all of them alike)."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn(x)
+    per_round: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fns[k](x)
+            per_round[k].append((time.perf_counter() - t0) / iters * 1e3)
+    return {k: float(np.median(v)) for k, v in per_round.items()}
 
 
 @torch.no_grad()
@@ -195,13 +199,15 @@ def quantize_executorch(
                 try:
                     fp32_path.write_bytes(fp32_prog.buffer)
                     fp32_method = _runtime_method(fp32_path)
-                    ms_fp32 = _median_ms(lambda t: fp32_method.execute([t]), x0)
-                    ms_int8 = _median_ms(lambda t: method.execute([t]), x0)
+                    ms = _interleaved_ms({"fp32": lambda t: fp32_method.execute([t]),
+                                          "int8": lambda t: method.execute([t])}, x0)
+                    ms_fp32, ms_int8 = ms["fp32"], ms["int8"]
                 finally:
                     fp32_path.unlink(missing_ok=True)
                 result["latency_ms_batch1"] = {"fp32": round(ms_fp32, 3), "int8": round(ms_int8, 3),
                                                "speedup": round(ms_fp32 / ms_int8, 3),
-                                               "threads": executorch_threads(), "note": "this CPU, indicative"}
+                                               "threads": executorch_threads(),
+                                               "note": "this CPU, 7 alternating rounds, median; indicative"}
         size = tmp.stat().st_size
     info = _common(fused, pre, bake_preprocessing, "executorch-int8", target="executorch/xnnpack INT8",
                    executorch_version=_version("executorch"), batch=1, dynamic_batch=False)
