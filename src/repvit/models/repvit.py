@@ -77,7 +77,18 @@ def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
 # 1x1 maps (stages 3-4 of a 32x32 input, e.g. Fashion-MNIST) took 19-62 ms per call at batch 256 on 2 threads,
 # against 1-7 ms as a matrix product (forward alone is fast either way, so inference keeps the plain conv);
 # that backward was half of a training step. See docs/training.md, "Training on small inputs".
-SMALL_MAP_PIXELS = 4
+# Measured per instruction set (benchmarks/small_map_dwconv.py, 2 threads, batch 256): with oneDNN's AVX2
+# kernels the matrix path wins on 2x2 (2.35x) and 1x1 (58x) maps; with its AVX-512 kernels 2x2 is fast already
+# (the matrix path 0.42x there) and only 1x1 still loses (5.6x). Set this module variable to override.
+
+
+def default_small_map_pixels(capability: str | None = None) -> int:
+    """Largest map (in pixels) the small-map path takes for this CPU: 1 with AVX-512, else 4."""
+    cap = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return 1 if cap.upper().startswith("AVX512") else 4
+
+
+SMALL_MAP_PIXELS = default_small_map_pixels()
 
 
 @lru_cache(maxsize=64)
