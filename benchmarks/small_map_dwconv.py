@@ -73,7 +73,7 @@ def step(args) -> dict:
              else build_model("repvit_m0_9", num_classes=10, in_chans=1)).to(memory_format=torch.channels_last)
         arms[name] = (m, torch.optim.AdamW(m.parameters(), 1e-3))
 
-    default = rv.default_small_map_pixels()
+    default = rv.SMALL_MAP_PIXELS
 
     def run(name: str) -> float:
         rv.SMALL_MAP_PIXELS = default if name == "ours_small_map" else 0

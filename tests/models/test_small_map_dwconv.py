@@ -39,7 +39,6 @@ def _spy(monkeypatch) -> list:
 
 
 def test_used_only_when_a_backward_can_follow_on_tiny_maps(monkeypatch):
-    monkeypatch.setattr(rv, "SMALL_MAP_PIXELS", 4)      # the AVX2 default; AVX-512 CPUs take 1x1 maps only
     calls = _spy(monkeypatch)
     conv = rv.DepthwiseConv2d(8, 8, 3, 1, 1, groups=8, bias=False)
     conv(torch.randn(2, 8, 2, 2))                       # weights require grad -> small-map path
@@ -82,17 +81,3 @@ def test_state_dict_keys_and_deploy_form_unchanged():
     assert not any(isinstance(m, rv.DepthwiseConv2d) for m in fused.modules())
     assert all(not k.endswith(("weight_orig", "idx")) for k in model.state_dict())
 
-
-def test_default_threshold_follows_the_instruction_set(monkeypatch):
-    """AVX2 (and unknown) CPUs route 2x2 and 1x1 maps through the matrix path, AVX-512 ones only 1x1 (where
-    oneDNN's AVX-512 depthwise backward is fast on 2x2 maps); the module default is this CPU's."""
-    assert rv.default_small_map_pixels("AVX2") == 4 and rv.default_small_map_pixels("DEFAULT") == 4
-    assert rv.default_small_map_pixels("AVX512") == 1
-    assert rv.SMALL_MAP_PIXELS == rv.default_small_map_pixels()
-    monkeypatch.setattr(rv, "SMALL_MAP_PIXELS", 1)
-    calls = _spy(monkeypatch)
-    conv = rv.DepthwiseConv2d(8, 8, 3, 1, 1, groups=8, bias=False)
-    conv(torch.randn(2, 8, 2, 2))
-    assert not calls
-    conv(torch.randn(2, 8, 1, 1))
-    assert len(calls) == 1

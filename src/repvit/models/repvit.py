@@ -79,16 +79,10 @@ def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
 # that backward was half of a training step. See docs/training.md, "Training on small inputs".
 # Measured per instruction set (benchmarks/small_map_dwconv.py, 2 threads, batch 256): with oneDNN's AVX2
 # kernels the matrix path wins on 2x2 (2.35x) and 1x1 (58x) maps; with its AVX-512 kernels 2x2 is fast already
-# (the matrix path 0.42x there) and only 1x1 still loses (5.6x). Set this module variable to override.
-
-
-def default_small_map_pixels(capability: str | None = None) -> int:
-    """Largest map (in pixels) the small-map path takes for this CPU: 1 with AVX-512, else 4."""
-    cap = torch.backends.cpu.get_cpu_capability() if capability is None else capability
-    return 1 if cap.upper().startswith("AVX512") else 4
-
-
-SMALL_MAP_PIXELS = default_small_map_pixels()
+# (the matrix path 0.37x there; 1x1 still 6x). A 1-pixel threshold on AVX-512 would train 3-16% faster at
+# 48x48/32x32, but with it the 2-process DDP test with empty micro-batches diverged from 1 process (see
+# docs/training.md), so 4 stays the default everywhere until that is understood. Set this variable to override.
+SMALL_MAP_PIXELS = 4
 
 
 @lru_cache(maxsize=64)
