@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import repvit
 from repvit.bench.machine import native_bf16
 from repvit.export.calib import _builtin_arrays, _to_model_input, load_images
-from repvit.export.common import atomic_write_text
+from repvit.export.common import atomic_write_text, installed_version
 from repvit.export.onnx_export import export_onnx, ort_session
 from repvit.export.quantize import evaluate_onnx, prepare_inputs, quantize_onnx
 from repvit.export.source import to_deploy
@@ -152,14 +152,6 @@ def _machine() -> str:
     from repvit.bench.machine import cpu_flags, _cpuinfo
     flags = [k for k, v in cpu_flags().items() if v]
     return f"{_cpuinfo()[0] or platform.machine()}, {os.cpu_count()} CPUs; ISA: {', '.join(flags) or 'unknown'}"
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def time_interleaved(runners: dict, repeats: int, iters: int) -> dict:
@@ -399,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
            "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
                         "openvino": __import__("openvino").__version__ if HAVE_OPENVINO else None,
-                        "executorch": _dist_version("executorch") if HAVE_EXECUTORCH else None},
+                        "executorch": installed_version("executorch") if HAVE_EXECUTORCH else None},
            "datasets": {}}
     if args.speed_sizes:
         with tempfile.TemporaryDirectory(prefix="repvit-int8-speed-") as td:

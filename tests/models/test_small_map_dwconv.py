@@ -80,4 +80,3 @@ def test_state_dict_keys_and_deploy_form_unchanged():
     fused = build_model("repvit_m0_6", deploy=True)
     assert not any(isinstance(m, rv.DepthwiseConv2d) for m in fused.modules())
     assert all(not k.endswith(("weight_orig", "idx")) for k in model.state_dict())
-

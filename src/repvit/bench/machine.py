@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..export.common import installed_version
 from .timing import measure_interleaved
 
 __all__ = ["pin_threads", "machine_info", "cpu_flags", "matmul_peak", "matmul_candidates", "peak_from_stats",
@@ -102,15 +103,6 @@ def _version(mod: str) -> str | None:
         return None
 
 
-def _dist_version(dist: str) -> str | None:
-    # from the installed metadata: importing executorch just for __version__ would load its runtime
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def machine_info(threads: int) -> dict:
     model, _ = _cpuinfo()
     info = {
@@ -119,7 +111,7 @@ def machine_info(threads: int) -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "timm": _version("timm"), "onnxruntime": _version("onnxruntime"),
-        "openvino": _version("openvino"), "onnx": _version("onnx"), "executorch": _dist_version("executorch"),
+        "openvino": _version("openvino"), "onnx": _version("onnx"), "executorch": installed_version("executorch"),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     if hasattr(os, "getloadavg"):

@@ -19,7 +19,7 @@ from ..utils.files import atomic_write_text, sha256_of
 
 __all__ = [
     "require", "check_writable", "atomic_output", "sha256_of", "write_sidecar", "sidecar_path",
-    "get_preprocessing", "Preprocess", "model_info",
+    "get_preprocessing", "Preprocess", "model_info", "installed_version",
 ]
 
 # ImageNet statistics, the official RepViT eval preprocessing (RepViT reference sheet
@@ -33,6 +33,16 @@ _PIP_NAME = {
     "coremltools": "coremltools", "executorch": "executorch", "PIL": "pillow", "sklearn": "scikit-learn",
     "openvino": "openvino", "nncf": "nncf",
 }
+
+
+def installed_version(dist: str) -> str | None:
+    """Version of an installed distribution from its metadata (None if absent), without importing it: importing
+    executorch just for ``__version__`` would load its runtime."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def require(module: str, purpose: str) -> Any:

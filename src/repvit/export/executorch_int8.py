@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .calib import load_images, source_facts
-from .common import atomic_output, check_writable, require, write_sidecar
+from .common import atomic_output, check_writable, installed_version, require, write_sidecar
 from .quantize import check_keep_float, classification_result, compare_fp32_int8, load_held_out, prepare_inputs
-from .torch_formats import _common, _export, _prepare, _version
+from .torch_formats import _common, _export, _prepare
 
 __all__ = ["quantize_executorch", "xnnpack_program", "keep_float_module_names", "evaluate_pte", "executorch_threads"]
 
@@ -210,7 +210,7 @@ def quantize_executorch(
                                                "note": "this CPU, 7 alternating rounds, median; indicative"}
         size = tmp.stat().st_size
     info = _common(fused, pre, bake_preprocessing, "executorch-int8", target="executorch/xnnpack INT8",
-                   executorch_version=_version("executorch"), batch=1, dynamic_batch=False)
+                   executorch_version=installed_version("executorch"), batch=1, dynamic_batch=False)
     info.update({
         "quantization": {
             "tool": "PT2E (XNNPACKQuantizer)",

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import Preprocess, atomic_output, check_writable, get_preprocessing, model_info, require, write_sidecar
+from .common import (Preprocess, atomic_output, check_writable, get_preprocessing, installed_version, model_info,
+                     write_sidecar)
 from .source import to_deploy
 
 __all__ = ["export_torchscript", "export_program", "export_executorch"]
@@ -99,15 +100,10 @@ def export_executorch(
     bake_preprocessing: str | None = None, sidecar: bool = True, validate: bool = True,
 ) -> dict[str, Any]:
     """Lower the fused model to an ExecuTorch program (``.pte``) delegated to XNNPACK (fp32, static batch 1)."""
-    require("executorch", "ExecuTorch export")
-    exir = require("executorch.exir", "ExecuTorch export")
-    xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "ExecuTorch XNNPACK export")
+    from .executorch_int8 import xnnpack_program    # lazy: it imports this module
     out = check_writable(path)
     fused, net, pre, x = _prepare(model, input_size, bake_preprocessing, 1)
-    ep = _export(net, x, False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = exir.to_edge_transform_and_lower(ep, partitioner=[xnn.XnnpackPartitioner()]).to_executorch()
+    prog, _ = xnnpack_program(net, x)
     with atomic_output(out) as tmp:
         with open(tmp, "wb") as f:
             f.write(prog.buffer)
@@ -115,26 +111,18 @@ def export_executorch(
         if validate:
             validation = _run_pte(tmp, net, x)
     info = _common(fused, pre, bake_preprocessing, "executorch", target="executorch/xnnpack",
-                   executorch_version=_version("executorch"), validation=validation)
+                   executorch_version=installed_version("executorch"), validation=validation)
     if sidecar:
         info["sidecar"] = str(write_sidecar(out, info))
     return info
 
 
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def _run_pte(path: os.PathLike, net: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Run the .pte with the ExecuTorch Python runtime (if its native module is present) against eager."""
+    from .executorch_int8 import _runtime_method
     try:
-        from executorch.runtime import Runtime
-    except Exception as e:  # runtime wheel parts missing: export is still valid, say why it was not run
+        method = _runtime_method(path)
+    except ImportError as e:  # runtime wheel parts missing: export is still valid, say why it was not run
         return {"skipped": f"executorch runtime unavailable: {e}"}
-    method = Runtime.get().load_program(str(path)).load_method("forward")
     got = method.execute([x])[0]
     return {"max_abs_diff_vs_eager": _max_diff(got, net(x)), "validated_batch": 1, "runtime": "executorch.runtime"}

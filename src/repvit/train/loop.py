@@ -582,12 +582,16 @@ def _check_finite_weights(model: nn.Module, epoch: int, step: int, run_dir: Path
     still gives a finite loss; it only shows in eval mode, and in a checkpoint."""
     tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if tensors and not bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
-        last = run_dir / "last.pt"
-        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint had been written yet"
         raise NonFiniteLossError(
             f"non-finite weights after epoch {epoch + 1}, update {step} (its loss was finite; the step or the "
-            f"BatchNorm statistics overflowed); "
-            f"stopping. {where}. Lower optim.base_lr, keep clipping on, or try run.amp=bf16/none, then --resume.")
+            f"BatchNorm statistics overflowed); {_stop_advice(run_dir)}")
+
+
+def _stop_advice(run_dir: Path) -> str:
+    """The tail of every non-finite stop message: what is kept, and what to try."""
+    last = run_dir / "last.pt"
+    where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint had been written yet"
+    return f"stopping. {where}. Lower optim.base_lr, keep clipping on, or try run.amp=bf16/none, then --resume."
 
 
 def _check_finite(loss: torch.Tensor | None, di: DistInfo, epoch: int, step: int, micro: int, run_dir: Path,
@@ -601,8 +605,6 @@ def _check_finite(loss: torch.Tensor | None, di: DistInfo, epoch: int, step: int
     if di.distributed:
         all_reduce_sum(bad)
     if bad.item() > 0:
-        last = run_dir / "last.pt"
-        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint had been written yet"
         raise NonFiniteLossError(
             f"non-finite loss ({loss.item() if loss is not None else 'on another rank'}) at epoch {epoch + 1}, update {step + 1} (micro-batch {micro}); "
-            f"stopping. {where}. Lower optim.base_lr, keep clipping on, or try run.amp=bf16/none, then --resume.")
+            f"{_stop_advice(run_dir)}")
