@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--workers", type=int, default=4)
     e.add_argument("--max-samples", type=int, help="evaluate a deterministic subset")
+    e.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average the probabilities of each image and its horizontal mirror (2x compute)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     e.set_defaults(func=_eval)
@@ -115,7 +117,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
     res = evaluate_checkpoint(args.checkpoint, args.data, form=args.form, eval_crop=args.preprocessing,
                               batch_size=args.batch_size, device=args.device, img_size=args.img_size,
-                              num_workers=args.workers, max_samples=args.max_samples, split=args.split)
+                              num_workers=args.workers, max_samples=args.max_samples, split=args.split,
+                              tta=args.tta)
     for r in res["results"]:
         print(f"{r['weights']:>7} ({r['form']}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  "
               f"on {r['n']} images" + (f", {r['skipped']} unreadable skipped" if r["skipped"] else ""))

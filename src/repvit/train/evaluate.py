@@ -14,7 +14,10 @@ from repvit.data import build_data, shard_range, skip_none_collate
 
 from .dist import all_reduce_sum
 
-__all__ = ["evaluate", "evaluate_checkpoint", "autocast_ctx", "resolve_amp"]
+__all__ = ["evaluate", "evaluate_checkpoint", "autocast_ctx", "resolve_amp", "TTA_MODES"]
+
+# test-time augmentation: none, or the horizontal mirror (the training flip) averaged in
+TTA_MODES = ("none", "flip")
 
 
 def resolve_amp(amp: str, device: torch.device, log: Callable[[str], None] | None = None,
@@ -58,10 +61,14 @@ def autocast_ctx(device: torch.device, amp: str):
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int = 256, amp: str = "none",
              channels_last: bool = False, num_workers: int = 0, world_size: int = 1, rank: int = 0,
-             collate=skip_none_collate) -> dict[str, float]:
+             collate=skip_none_collate, tta: str = "none") -> dict[str, float]:
     """Top-1 / top-5 (percent) and mean CE loss over ``dataset``; each rank takes a shard, counts are summed.
 
-    ``amp`` is resolved with :func:`resolve_amp` (on a CPU without native bf16, fp16 evaluates in float32)."""
+    ``amp`` is resolved with :func:`resolve_amp` (on a CPU without native bf16, fp16 evaluates in float32).
+    ``tta="flip"`` averages the class probabilities of each image and its horizontal mirror (2x the compute);
+    the loss is then the NLL of the averaged probabilities."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
     amp = resolve_amp(amp, device)
     was_training = model.training
     model.eval()
@@ -76,22 +83,30 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_ctx(device, amp):
-            out = model(x)
-        out = (out[0] + out[1]) / 2 if isinstance(out, (tuple, list)) else out
-        out = out.float()
+        views = (x, x.flip(-1)) if tta == "flip" else (x,)
+        logp = torch.stack([_logits(model, v, device, amp).log_softmax(1) for v in views])
+        # mean of probabilities, kept in log space: log(mean_v p_v) = logsumexp_v(log p_v) - log(V)
+        out = logp.logsumexp(0) - torch.log(torch.tensor(float(len(views))))
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices
         hit = top.eq(y[:, None])
         sums[0] += hit[:, :1].sum().item()
         sums[1] += hit.any(dim=1).sum().item()
-        sums[2] += nn.functional.cross_entropy(out, y, reduction="sum").item()
+        sums[2] += nn.functional.nll_loss(out, y, reduction="sum").item()
         sums[3] += len(y)
     sums = all_reduce_sum(sums.to(device)).cpu() if world_size > 1 else sums
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
     return {"top1": 100.0 * sums[0].item() / n, "top5": 100.0 * sums[1].item() / n,
             "loss": sums[2].item() / n, "n": int(sums[3].item()), "skipped": int(sums[4].item())}
+
+
+def _logits(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
+    with autocast_ctx(device, amp):
+        out = model(x)
+    # a distilled model in eval mode may return (cls, dist) from a custom forward: average the heads as DeiT does
+    out = (out[0] + out[1]) / 2 if isinstance(out, (tuple, list)) else out
+    return out.float()
 
 
 def _models_from_train_state(path: Path) -> tuple[list[tuple[str, nn.Module]], dict]:
@@ -117,7 +132,7 @@ def _models_from_train_state(path: Path) -> tuple[list[tuple[str, nn.Module]], d
 def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval_crop: str = "official",
                         batch_size: int = 128, device: str = "auto", img_size: int | None = None,
                         num_workers: int = 4, max_samples: int | None = None, data_format: str = "auto",
-                        split: str = "val") -> dict[str, Any]:
+                        split: str = "val", tta: str = "none") -> dict[str, Any]:
     """Evaluate a checkpoint (our .safetensors, any format repvit reads, or a run's last.pt / run dir).
 
     Returns ``{"top1", "top5", "results": [{"weights", "form", "top1", "top5", ...}], ...}``; the
@@ -132,6 +147,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
         raise FileNotFoundError(f"checkpoint {p} not found")
     if form not in ("train", "deploy"):
         raise ValueError(f"--form must be train or deploy, got {form!r}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     if p.is_dir() or p.suffix == ".pt" and (p.is_dir() or _is_train_state(p)):
         models, _ = _models_from_train_state(p)
     else:
@@ -153,12 +170,12 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
             raise ValueError(f"the checkpoint predicts {model.num_classes} classes but {data} has "
                              f"{bundle.num_classes}")
         m = reparameterize(model) if form == "deploy" and not getattr(model, "deploy", False) else model
-        r = evaluate(m.to(dev), bundle.val, device=dev, batch_size=batch_size,
+        r = evaluate(m.to(dev), bundle.val, device=dev, batch_size=batch_size, tta=tta,
                      num_workers=0 if bundle.train is None and bundle.name in ("fashion-mnist", "digits") else num_workers)
         results.append({"weights": name, "form": "deploy" if getattr(m, "deploy", False) or form == "deploy" else "train",
                         **r})
     main = next((r for r in results if r["weights"] == "ema"), results[0])
-    return {"checkpoint": str(p), "data": bundle.name, "eval_crop": eval_crop, "img_size": size,
+    return {"checkpoint": str(p), "data": bundle.name, "eval_crop": eval_crop, "img_size": size, "tta": tta,
             "top1": main["top1"], "top5": main["top5"], "n": main["n"], "results": results}
 
 

@@ -1,0 +1,92 @@
+"""evaluate(): top-1/top-5/loss against a hand computation, and horizontal-flip test-time augmentation."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from repvit.cli import main
+from repvit.train import train
+from repvit.train.evaluate import evaluate
+
+from trainhelpers import tiny_config
+
+
+class _Batches(TensorDataset):
+    """(x, y) items; evaluate()'s collate appends the skipped-image count."""
+
+
+class _LeftHeavy(nn.Module):
+    """Logits from the left and right halves with different weights: a model that is NOT mirror-invariant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.wl, self.wr = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1] // 2
+        return x[..., :w].mean((-2, -1)) @ self.wl + x[..., w:].mean((-2, -1)) @ self.wr
+
+
+def _data(n: int = 37) -> _Batches:
+    g = torch.Generator().manual_seed(1)
+    return _Batches(torch.randn(n, 3, 6, 8, generator=g), torch.randint(0, 5, (n,), generator=g))
+
+
+def _by_hand(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    top5 = logits.topk(5, 1).indices
+    return {"top1": 100.0 * (top5[:, 0] == y).float().mean().item(),
+            "top5": 100.0 * (top5 == y[:, None]).any(1).float().mean().item()}
+
+
+def test_plain_and_flip_tta_match_a_hand_computation():
+    model, ds = _LeftHeavy(), _data()
+    x, y = ds.tensors
+    cpu = torch.device("cpu")
+
+    plain = evaluate(model, ds, device=cpu, batch_size=8)
+    ref = _by_hand(model(x), y)
+    assert plain["n"] == len(y) and plain["top1"] == pytest.approx(ref["top1"]) and plain["top5"] == ref["top5"]
+    assert plain["loss"] == pytest.approx(nn.functional.cross_entropy(model(x), y).item(), rel=1e-5)
+
+    flip = evaluate(model, ds, device=cpu, batch_size=8, tta="flip")
+    p = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2        # mean of the two views' probabilities
+    ref = _by_hand(p, y)
+    assert flip["top1"] == pytest.approx(ref["top1"]) and flip["top5"] == pytest.approx(ref["top5"])
+    assert flip["loss"] == pytest.approx(nn.functional.nll_loss(p.log(), y).item(), rel=1e-5)
+    assert flip["loss"] != pytest.approx(plain["loss"], rel=1e-3)      # the mirror view really was used
+
+
+def test_flip_tta_changes_nothing_for_a_mirror_invariant_model():
+    pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5))
+    ds = _data()
+    a = evaluate(pooled, ds, device=torch.device("cpu"), batch_size=8)
+    b = evaluate(pooled, ds, device=torch.device("cpu"), batch_size=8, tta="flip")
+    assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_unknown_tta_mode_is_refused():
+    with pytest.raises(ValueError, match="tta must be one of none, flip"):
+        evaluate(_LeftHeavy(), _data(), device=torch.device("cpu"), tta="five-crop")
+
+
+def test_eval_cli_passes_the_tta_mode_through(tmp_path, capsys, monkeypatch):
+    ev = sys.modules["repvit.train.evaluate"]     # the package re-exports a function of the same name
+
+    seen, real = [], ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: seen.append(k["tta"]) or real(*a, **k))
+    run = tmp_path / "run"
+    train(tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=2"), run)
+    args = ["eval", str(run / "deploy.safetensors"), "--data", "digits", "--max-samples", "64", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args + ["--tta", "flip"]) == 0
+    flip = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plain["tta"] == "none" and flip["tta"] == "flip" and flip["n"] == plain["n"] == 64
+    assert seen == ["none", "flip"]
