@@ -40,6 +40,7 @@ def _spy(monkeypatch) -> list:
 
 def test_used_only_when_a_backward_can_follow_on_tiny_maps(monkeypatch):
     calls = _spy(monkeypatch)
+    monkeypatch.setattr(rv, "SMALL_MAP_PIXELS", 4)      # the AVX2 default (AVX-512 hosts use 1)
     conv = rv.DepthwiseConv2d(8, 8, 3, 1, 1, groups=8, bias=False)
     conv(torch.randn(2, 8, 2, 2))                       # weights require grad -> small-map path
     assert len(calls) == 1
@@ -80,3 +81,17 @@ def test_state_dict_keys_and_deploy_form_unchanged():
     fused = build_model("repvit_m0_6", deploy=True)
     assert not any(isinstance(m, rv.DepthwiseConv2d) for m in fused.modules())
     assert all(not k.endswith(("weight_orig", "idx")) for k in model.state_dict())
+
+
+@pytest.mark.parametrize("capability,env,expected", [("AVX2", "", 4), ("DEFAULT", "", 4), ("AVX512", "", 1),
+                                                     ("AVX512", "4", 4), ("AVX2", "0", 0)])
+def test_threshold_follows_the_dispatched_kernels_unless_overridden(monkeypatch, capability, env, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setenv("REPVIT_SMALL_MAP_PIXELS", env)
+    assert rv._default_small_map_pixels() == expected
+
+
+def test_bad_threshold_override_is_an_error(monkeypatch):
+    monkeypatch.setenv("REPVIT_SMALL_MAP_PIXELS", "two")
+    with pytest.raises(ValueError, match="REPVIT_SMALL_MAP_PIXELS must be a non-negative integer"):
+        rv._default_small_map_pixels()

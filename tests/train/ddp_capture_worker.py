@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 ddp_capture_worker.py OUT_DIR key=value ...``
 trains ``tiny_config(key=value ...)`` into OUT_DIR and writes ``OUT_DIR/params_rank{R}.pt`` on every
-rank (the run itself only saves rank 0's state), so a test can check that the ranks stayed in sync.
+rank (the run itself only saves rank 0's state), so a test can check that the ranks stayed in sync, and
+``OUT_DIR/grads_rank{R}.pt``: the (already all-reduced) gradients handed to each optimizer step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from repvit.train import train  # noqa: E402
 from trainhelpers import tiny_config  # noqa: E402
 
 _built: list = []
-_build = loop.build_student
+_grads: list = []
+_build, _build_optimization = loop.build_student, loop.build_optimization
 
 
 def _capture(*args, **kwargs):
@@ -29,12 +31,25 @@ def _capture(*args, **kwargs):
     return m
 
 
+def _recording_optimization(cfg, model, **kwargs):
+    opt, sched = _build_optimization(cfg, model, **kwargs)
+    real_step = opt.step
+
+    def step(*a, **k):
+        _grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        return real_step(*a, **k)
+    opt.step = step
+    return opt, sched
+
+
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     loop.build_student = _capture
+    loop.build_optimization = _recording_optimization
     train(tiny_config(*overrides), out)
     rank = int(os.environ.get("RANK", "0"))
     torch.save({n: p.detach().clone() for n, p in _built[0].named_parameters()}, out / f"params_rank{rank}.pt")
+    torch.save(_grads, out / f"grads_rank{rank}.pt")
 
 
 if __name__ == "__main__":

