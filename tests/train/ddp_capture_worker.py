@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import repvit.train.loop as loop  # noqa: E402
 from repvit.train import train  # noqa: E402
-from trainhelpers import tiny_config  # noqa: E402
+from trainhelpers import recording_optimization, tiny_config  # noqa: E402
 
 _built: list = []
 _grads: list = []
-_build, _build_optimization = loop.build_student, loop.build_optimization
+_build = loop.build_student
 
 
 def _capture(*args, **kwargs):
@@ -31,21 +31,10 @@ def _capture(*args, **kwargs):
     return m
 
 
-def _recording_optimization(cfg, model, **kwargs):
-    opt, sched = _build_optimization(cfg, model, **kwargs)
-    real_step = opt.step
-
-    def step(*a, **k):
-        _grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-        return real_step(*a, **k)
-    opt.step = step
-    return opt, sched
-
-
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     loop.build_student = _capture
-    loop.build_optimization = _recording_optimization
+    loop.build_optimization = recording_optimization(loop.build_optimization, _grads)
     train(tiny_config(*overrides), out)
     rank = int(os.environ.get("RANK", "0"))
     torch.save({n: p.detach().clone() for n, p in _built[0].named_parameters()}, out / f"params_rank{rank}.pt")

@@ -28,7 +28,7 @@ from repvit.data import GlobalBatchSampler
 from repvit.data.folder import validate_image_folder
 from repvit.train import train
 
-from trainhelpers import ROOT, cli_env, load_state, tiny_config
+from trainhelpers import ROOT, cli_env, load_state, recording_optimization, tiny_config
 
 N_PER_CLASS, GB, BS, SEED = 32, 16, 4, 0
 SET = [f"run.global_batch={GB}", f"run.batch_size={BS}", "run.max_steps_per_epoch=3", "schedule.epochs=1",
@@ -129,19 +129,8 @@ def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path, monkeypatch)
         assert set(a) == set(b) and all(torch.equal(a[n], b[n]) and torch.isfinite(a[n]).all() for n in a)
 
     # the same run in one process (4 micro-steps per update), its gradients recorded the same way
-    single, build_optimization = [], loop.build_optimization
-
-    def recording(c, model, **k):
-        opt, sched = build_optimization(c, model, **k)
-        real_step = opt.step
-
-        def step(*sa, **sk):
-            single.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-            return real_step(*sa, **sk)
-        opt.step = step
-        return opt, sched
-
-    monkeypatch.setattr(loop, "build_optimization", recording)
+    single: list = []
+    monkeypatch.setattr(loop, "build_optimization", recording_optimization(loop.build_optimization, single))
     train(tiny_config(f"data.dataset={root}", *SET, "optim.lr=0.0"), tmp_path / "single")
     assert len(single) == 2
     for update, (mine, theirs) in enumerate(zip(single, g0)):

@@ -25,6 +25,21 @@ def tiny_config(*extra: str) -> TrainConfig:
     return apply_overrides(load_recipe("digits"), TINY + list(extra))
 
 
+def recording_optimization(build, grads: list):
+    """Wrap ``loop.build_optimization`` so that every optimizer step first appends the gradients it steps with
+    (one {name: tensor} dict per update) to ``grads``."""
+    def wrapped(cfg, model, **kwargs):
+        opt, sched = build(cfg, model, **kwargs)
+        real_step = opt.step
+
+        def step(*a, **k):
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            return real_step(*a, **k)
+        opt.step = step
+        return opt, sched
+    return wrapped
+
+
 def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,8 +68,7 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int
     ``amp`` is resolved with :func:`resolve_amp` (on a CPU without native bf16, fp16 evaluates in float32).
     ``tta="flip"`` averages the class probabilities of each image and its horizontal mirror (2x the compute);
     the loss is then the NLL of the averaged probabilities."""
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+    _check_tta(tta)
     amp = resolve_amp(amp, device)
     was_training = model.training
     model.eval()
@@ -86,7 +86,7 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int
         views = (x, x.flip(-1)) if tta == "flip" else (x,)
         logp = torch.stack([_logits(model, v, device, amp).log_softmax(1) for v in views])
         # mean of probabilities, kept in log space: log(mean_v p_v) = logsumexp_v(log p_v) - log(V)
-        out = logp.logsumexp(0) - torch.log(torch.tensor(float(len(views))))
+        out = logp.logsumexp(0) - math.log(len(views))
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices
         hit = top.eq(y[:, None])
@@ -99,6 +99,11 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int
     n = max(sums[3].item(), 1.0)
     return {"top1": 100.0 * sums[0].item() / n, "top5": 100.0 * sums[1].item() / n,
             "loss": sums[2].item() / n, "n": int(sums[3].item()), "skipped": int(sums[4].item())}
+
+
+def _check_tta(tta: str) -> None:
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
 
 
 def _logits(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
@@ -147,8 +152,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
         raise FileNotFoundError(f"checkpoint {p} not found")
     if form not in ("train", "deploy"):
         raise ValueError(f"--form must be train or deploy, got {form!r}")
-    if tta not in TTA_MODES:
-        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    _check_tta(tta)     # before any data is read
     if p.is_dir() or p.suffix == ".pt" and (p.is_dir() or _is_train_state(p)):
         models, _ = _models_from_train_state(p)
     else:
