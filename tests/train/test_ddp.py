@@ -10,7 +10,7 @@ import torch
 
 from repvit.train import train
 
-from trainhelpers import ROOT, TINY, as_overrides, cli_env, load_state, tiny_config
+from trainhelpers import ROOT, TINY, as_overrides, cli_env, free_port, load_state, tiny_config
 
 SET = ["schedule.epochs=1", "run.max_steps_per_epoch=4", "run.global_batch=32", "run.batch_size=16",
        "data.max_train_samples=256", "ema.enabled=false"]
@@ -21,7 +21,7 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path):
     single = tmp_path / "single"
     train(tiny_config(*SET), single)            # 1 process: 2 micro-batches of 16 per update
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "repvit", "train", "--recipe", "digits", "--out", str(ddp), *as_overrides(TINY + SET)]
     p = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

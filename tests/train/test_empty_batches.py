@@ -14,7 +14,6 @@ SGD, not AdamW, so that a wrongly weighted gradient shows in the weights (Adam's
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from repvit.data import GlobalBatchSampler
 from repvit.data.folder import validate_image_folder
 from repvit.train import train
 
-from trainhelpers import ROOT, cli_env, load_state, recording_optimization, tiny_config
+from trainhelpers import ROOT, cli_env, free_port, load_state, recording_optimization, tiny_config
 
 N_PER_CLASS, GB, BS, SEED = 32, 16, 4, 0
 SET = [f"run.global_batch={GB}", f"run.batch_size={BS}", "run.max_steps_per_epoch=3", "schedule.epochs=1",
@@ -54,12 +53,6 @@ def _dataset(root: Path, bad_chunks=lambda c: c[3] + c[4] + c[5] + c[6] + c[7] +
     for i in bad:
         Path(samples[i][0]).write_bytes(b"not an image")
     return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(run: Path) -> dict:
@@ -114,7 +107,7 @@ def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path, monkeypatch)
 
     root = _dataset(tmp_path / "ds")
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(Path(__file__).with_name("ddp_capture_worker.py")), str(ddp), f"data.dataset={root}", *SET,
            "optim.lr=0.0"]
     try:
@@ -221,7 +214,7 @@ def test_average_gradients_by_hand(tmp_path):
     counts as zero), and a parameter without a gradient on any rank keeps None (no weight decay on it)."""
     worker = tmp_path / "worker.py"
     worker.write_text(_AVERAGE_WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(worker), str(tmp_path)]
     p = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,13 @@ def recording_optimization(build, grads: list):
         opt.step = step
         return opt, sched
     return wrapped
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for torchrun's rendezvous (a fixed port collides with a previous run's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env() -> dict:
