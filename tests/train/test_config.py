@@ -79,6 +79,19 @@ def test_fashion_mnist_48_is_the_documented_48x48_benchmark_run():
     assert load_recipe("fashion_mnist_48") == bench
 
 
+def test_fashion_mnist_64_is_the_documented_64x64_run():
+    """``--recipe fashion_mnist_64 --set run.amp=bf16`` is the command line of the documented 34-epoch 64x64 run
+    (docs/training.md, benchmarks/results/cli_r64_34e/config.yaml), so the best result is reproducible by name."""
+    run = apply_overrides(load_recipe("fashion_mnist_48"), [
+        "data.img_size=64", "schedule.epochs=34", "schedule.warmup_epochs=1.7", "model.drop_path_rate=0.1",
+        "run.checkpoint_every_steps=117", "run.amp=bf16"])
+    assert apply_overrides(load_recipe("fashion_mnist_64"), ["run.amp=bf16"]) == run
+    # ... and equals the resolved config that run wrote into its directory
+    recorded = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cli_r64_34e" / "config.yaml"
+    assert config_from_dict(yaml.safe_load(recorded.read_text())) == run
+    assert load_recipe("fashion_mnist_64").run.amp == "none"   # bf16 only where the CPU has it natively
+
+
 def test_base_inherits_a_recipe_and_replaces_only_the_keys_it_names(tmp_path):
     """A ``base:`` recipe keeps every value of its parent it does not mention, section by section."""
     (tmp_path / "ft.yaml").write_text(
