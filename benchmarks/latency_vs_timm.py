@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json", type=Path, default=Path("latency_vs_timm.json"))
     ap.add_argument("--markdown", type=Path, default=None, help="default: --json with .md")
+    ap.add_argument("--first", choices=("ours", "timm"), default="ours",
+                    help="whose runtime session is created first (in ONNX Runtime the first-created one ran ~1%% "
+                         "slower on the AMX Xeon; run both to separate that from the model)")
     args = ap.parse_args(argv)
 
     example = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -77,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         runners, facts = {}, {}
         for v in args.variants:
             ours, theirs, facts[v] = pair(v, Path(tmp))
+            arms = {"ours": ours, "timm": theirs}
+            order = ("ours", "timm") if args.first == "ours" else ("timm", "ours")
             for rt in args.runtimes:
-                runners[f"{v}|ours|{rt}"] = prepare(rt, ours, example, Path(tmp), pinned["threads"], tag=f"{v}_ours")[0]
-                runners[f"{v}|timm|{rt}"] = prepare(rt, theirs, example, Path(tmp), pinned["threads"], tag=f"{v}_timm")[0]
+                for who in order:
+                    runners[f"{v}|{who}|{rt}"] = prepare(rt, arms[who], example, Path(tmp), pinned["threads"],
+                                                         tag=f"{v}_{who}")[0]
         print(f"timing {len(runners)} candidates interleaved ({args.rounds} rounds x {args.iters} iterations)")
         stats = measure_interleaved(runners, warmup=args.warmup, iters=args.iters, rounds=args.rounds)
     import os
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": v, "runtime": rt, "ours_ms": a, "timm_ms": b, **paired_ratio(a, b),
                          "target": "<= 1.0", **facts[v]})
     res = {"schema": "repvit.latency_vs_timm/1", "machine": info,
-           "settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "batch": 1,
+           "settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "batch": 1, "first": args.first,
                         "input_size": [224, 224]}, "results": rows}
     md = [f"Machine: {machine_line(info)}.", "",
           "| Variant | Runtime | ours median ms | timm median ms | ratio ours/timm | min | max | max abs diff (fused) |",
