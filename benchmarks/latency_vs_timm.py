@@ -6,12 +6,22 @@ then fused (ours: ``repvit.reparameterize``, timm: ``timm.utils.reparameterize_m
 checked to give the same outputs, and timed interleaved. Result: median of per-round
 latency ratios ours/timm (target <= 1.0), written as JSON + Markdown.
 
+By default (``--first both``) the measurement runs twice, each time in a fresh process: once
+with our runtime session created first, once with timm's, ``--rounds`` rounds each; the per-round
+ratios are pooled. In ONNX Runtime the session created first ran ~1% slower on the AMX Xeon,
+whatever model it held (ours/timm 1.008 with ours first, 0.995 with timm's first); balancing the
+order cancels that bias instead of handing it to one side.
+
     python benchmarks/latency_vs_timm.py --variants repvit_m0_9 repvit_m1_1 --json results/latency_vs_timm.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -59,21 +69,16 @@ def pair(variant: str, workdir: Path) -> tuple[torch.nn.Module, torch.nn.Module,
     return ours_f, theirs_f, facts
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=["repvit_m0_9"])
-    ap.add_argument("--runtimes", nargs="+", default=["eager"], help="eager (default), eager_cl, onnxruntime, ...")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--json", type=Path, default=Path("latency_vs_timm.json"))
-    ap.add_argument("--markdown", type=Path, default=None, help="default: --json with .md")
-    ap.add_argument("--first", choices=("ours", "timm"), default="ours",
-                    help="whose runtime session is created first (in ONNX Runtime the first-created one ran ~1%% "
-                         "slower on the AMX Xeon; run both to separate that from the model)")
-    args = ap.parse_args(argv)
+def pool(arms: list[dict]) -> dict:
+    """One arm's statistics over several phases: per-round medians concatenated, median and range over them (the
+    per-iteration samples are not kept); each phase's own statistics are kept under ``phases``."""
+    rounds = [r for st in arms for r in st["round_medians"]]
+    return {"median": float(statistics.median(rounds)), "min": float(min(rounds)), "max": float(max(rounds)),
+            "n": sum(st["n"] for st in arms), "round_medians": rounds, "phases": arms}
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """One phase in this process: sessions created in ``args.first`` order, timed interleaved."""
     example = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with pin_threads(args.threads) as pinned, tempfile.TemporaryDirectory() as tmp:
         info = {**machine_info(pinned["threads"]), "cpus": pinned["cpus"]}
@@ -86,28 +91,89 @@ def main(argv: list[str] | None = None) -> int:
                 for who in order:
                     runners[f"{v}|{who}|{rt}"] = prepare(rt, arms[who], example, Path(tmp), pinned["threads"],
                                                          tag=f"{v}_{who}")[0]
-        print(f"timing {len(runners)} candidates interleaved ({args.rounds} rounds x {args.iters} iterations)")
+        print(f"{args.first} first: timing {len(runners)} candidates interleaved ({args.rounds} rounds x "
+              f"{args.iters} iterations)", flush=True)
         stats = measure_interleaved(runners, warmup=args.warmup, iters=args.iters, rounds=args.rounds)
-    import os
     info["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = []
     for v in args.variants:
         for rt in args.runtimes:
             a, b = stats[f"{v}|ours|{rt}"], stats[f"{v}|timm|{rt}"]
             rows.append({"variant": v, "runtime": rt, "ours_ms": a, "timm_ms": b, **paired_ratio(a, b),
-                         "target": "<= 1.0", **facts[v]})
-    res = {"schema": "repvit.latency_vs_timm/1", "machine": info,
-           "settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "batch": 1, "first": args.first,
-                        "input_size": [224, 224]}, "results": rows}
-    md = [f"Machine: {machine_line(info)}.", "",
-          "| Variant | Runtime | ours median ms | timm median ms | ratio ours/timm | min | max | max abs diff (fused) |",
-          "|---|---|---:|---:|---:|---:|---:|---:|"]
+                         "ratio_by_first": {args.first: paired_ratio(a, b)["ratio"]}, "target": "<= 1.0", **facts[v]})
+    return {"machine": info, "rows": rows}
+
+
+def measure_both_orders(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Both creation orders, each in a fresh process (the bias may be per process), pooled per round."""
+    phases = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for first in ("ours", "timm"):
+            out = Path(tmp) / f"{first}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--first", first, "--json", str(out)]
+            subprocess.run(cmd, check=True)
+            phases[first] = json.loads(out.read_text())
+    rows = []
+    for ra, rb in zip(*(ph["results"] for ph in phases.values())):
+        a, b = pool([ra["ours_ms"], rb["ours_ms"]]), pool([ra["timm_ms"], rb["timm_ms"]])
+        facts = {k: ra[k] for k in ra if k.startswith(("max_abs_diff", "params_"))}
+        rows.append({"variant": ra["variant"], "runtime": ra["runtime"], "ours_ms": a, "timm_ms": b,
+                     **paired_ratio(a, b), "ratio_by_first": {"ours": ra["ratio"], "timm": rb["ratio"]},
+                     "target": "<= 1.0", **facts})
+    machine = phases["timm"]["machine"]
+    machine["load_avg_1m_end_by_phase"] = {k: ph["machine"].get("load_avg_1m_end") for k, ph in phases.items()}
+    return {"machine": machine, "rows": rows}
+
+
+def _strip(argv: list[str], *flags: str) -> list[str]:
+    """argv without ``flags`` and their values (the phases get their own --first/--json)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not any(a.startswith(f + "=") for f in flags):
+            out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["repvit_m0_9"])
+    ap.add_argument("--runtimes", nargs="+", default=["eager"], help="eager (default), eager_cl, onnxruntime, ...")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds per phase")
+    ap.add_argument("--json", type=Path, default=Path("latency_vs_timm.json"))
+    ap.add_argument("--markdown", type=Path, default=None, help="default: --json with .md")
+    ap.add_argument("--first", choices=("both", "ours", "timm"), default="both",
+                    help="whose runtime session is created first; both (default): one fresh process each way, "
+                         "per-round ratios pooled (in ONNX Runtime the first-created session ran ~1%% slower on "
+                         "the AMX Xeon)")
+    args = ap.parse_args(argv)
+
+    res = measure_both_orders(args, _strip(argv, "--first", "--json", "--markdown")) if args.first == "both" \
+        else measure(args)
+    rows = res["rows"]
+    out = {"schema": "repvit.latency_vs_timm/1", "machine": res["machine"],
+           "settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "batch": 1,
+                        "first": args.first, "input_size": [224, 224]}, "results": rows}
+    order = "in both orders (one fresh process each, pooled)" if args.first == "both" else f"{args.first} first"
+    md = [f"Machine: {machine_line(res['machine'])}.", "",
+          f"Runtime sessions created {order}; {args.rounds} interleaved rounds per order.", "",
+          "| Variant | Runtime | ours median ms | timm median ms | ratio ours/timm | min | max | ratio by first-created "
+          "| max abs diff (fused) |",
+          "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
+        by = ", ".join(f"{k} first {x:.3f}" for k, x in r["ratio_by_first"].items())
         md.append(f"| {r['variant']} | {r['runtime']} | {r['ours_ms']['median']:.2f} | {r['timm_ms']['median']:.2f} | "
-                  f"{r['ratio']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {r['max_abs_diff_fused']:.1e} |")
+                  f"{r['ratio']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {by} | {r['max_abs_diff_fused']:.1e} |")
     text = "\n".join(md) + "\n"
     print(text)
-    write_json(args.json, res)
+    write_json(args.json, out)
     write_text(args.markdown or args.json.with_suffix(".md"), text)
     print(f"wrote {args.json}")
     return 0

@@ -1,0 +1,52 @@
+"""benchmarks/latency_vs_timm.py: both session-creation orders run, each in its own process, and are pooled."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "latency_vs_timm.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("latency_vs_timm", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_strip_removes_flags_and_their_values():
+    strip = _script()._strip
+    argv = ["--variants", "a", "--first", "both", "--json", "x.json", "--markdown=y.md", "--rounds", "3"]
+    assert strip(argv, "--first", "--json", "--markdown") == ["--variants", "a", "--rounds", "3"]
+
+
+def test_both_orders_are_measured_and_pooled(tmp_path):
+    out = tmp_path / "lvt.json"
+    cmd = [sys.executable, str(SCRIPT), "--variants", "repvit_m0_9", "--runtimes", "eager", "--threads", "1",
+           "--warmup", "0", "--iters", "1", "--rounds", "2", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # one fresh process per order
+    assert "ours first: timing" in done.stdout and "timm first: timing" in done.stdout
+    res = json.loads(out.read_text())
+    assert res["settings"]["first"] == "both"
+    (row,) = res["results"]
+    assert set(row["ratio_by_first"]) == {"ours", "timm"}
+    a, b = row["ours_ms"], row["timm_ms"]
+    assert len(a["phases"]) == len(b["phases"]) == 2 and len(a["round_medians"]) == len(b["round_medians"]) == 4
+    # the pooled ratio is the median over the per-round ratios of both phases
+    pooled = statistics.median(x / y for x, y in zip(a["round_medians"], b["round_medians"]))
+    assert row["ratio"] == pytest.approx(pooled)
+    for first, pa, pb in zip(("ours", "timm"), a["phases"], b["phases"]):
+        per = statistics.median(x / y for x, y in zip(pa["round_medians"], pb["round_medians"]))
+        assert row["ratio_by_first"][first] == pytest.approx(per)
+    assert row["max_abs_diff_fused"] < 1e-3
+    assert "ours first" in out.with_suffix(".md").read_text()
