@@ -217,3 +217,41 @@ def test_reparam_ablation_removes_branches_but_keeps_the_deploy_architecture():
     # same network after fusing: identical parameter shapes
     fa, fb = reparameterize(full), reparameterize(off.eval())
     assert {k: v.shape for k, v in fa.state_dict().items()} == {k: v.shape for k, v in fb.state_dict().items()}
+
+
+def test_teacher_ensemble_predicts_the_mean_probability():
+    from repvit.train.distill import TeacherEnsemble
+    a, b = nn.Linear(3, 4), nn.Linear(3, 4)
+    x = torch.randn(5, 3)
+    ens = TeacherEnsemble([a, b])
+    want = (F.softmax(a(x), -1) + F.softmax(b(x), -1)) / 2
+    out = ens(x)
+    assert torch.allclose(F.softmax(out, -1), want, atol=1e-6)
+    # the soft and hard targets built from it are the ensemble's average prediction and its argmax
+    assert torch.allclose(teacher_targets(out, "soft", 1.0), want, atol=1e-6)
+    assert torch.equal(teacher_targets(out, "hard").argmax(-1), want.argmax(-1))
+    with pytest.raises(ValueError, match="at least two"):
+        TeacherEnsemble([a])
+
+
+def test_comma_separated_teachers_build_a_frozen_ensemble(tmp_path):
+    import repvit
+    from repvit.train.distill import TeacherEnsemble, build_teacher
+    paths = []
+    for seed, n in ((0, 10), (1, 10), (2, 7)):
+        torch.manual_seed(seed)
+        m = repvit.create_model("repvit_m0_6", num_classes=n, in_chans=1)
+        paths.append(tmp_path / f"t{seed}.safetensors")
+        repvit.save_checkpoint(m, paths[-1])
+    t = build_teacher(f"{paths[0]}, {paths[1]}", None, num_classes=10, in_chans=1)
+    assert isinstance(t.model, TeacherEnsemble) and len(t.model.members) == 2
+    assert not any(p.requires_grad for p in t.parameters())
+    x = torch.randn(2, 1, 32, 32)
+    want = sum(F.softmax(m(x), -1) for m in t.model.members) / 2
+    assert torch.allclose(F.softmax(t(x), -1), want, atol=1e-5)
+    with pytest.raises(ValueError, match="predicts 7 classes but the data has 10"):
+        build_teacher(f"{paths[0]},{paths[2]}", None, num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match="teacher_checkpoint names one checkpoint"):
+        build_teacher(f"{paths[0]},{paths[1]}", str(paths[0]), num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match="empty entry"):
+        build_teacher(f"{paths[0]},", None, num_classes=10, in_chans=1)

@@ -108,7 +108,7 @@ class DistillConfig:
     kind: str = "none"                  # none | hard (DeiT) | soft (KL with temperature)
     alpha: float = 0.5
     tau: float = 1.0
-    teacher: str = "regnety_160"        # timm model name, repvit variant, or a checkpoint file
+    teacher: str = "regnety_160"        # timm model name, repvit variant, checkpoint file, or "a,b,..." (ensemble)
     teacher_checkpoint: str | None = DEIT_REGNETY160_URL  # URL or file for a timm/repvit teacher
     precompute: bool = False            # run the teacher once on un-augmented images and cache logits
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DistillationLoss", "FrozenTeacher", "build_teacher", "teacher_targets", "precompute_teacher_logits"]
+__all__ = ["DistillationLoss", "FrozenTeacher", "TeacherEnsemble", "build_teacher", "teacher_targets",
+           "precompute_teacher_logits"]
 
 
 class DistillationLoss(nn.Module):
@@ -80,6 +81,33 @@ class FrozenTeacher(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class TeacherEnsemble(nn.Module):
+    """Several teachers as one: the log of their mean softmax probability.
+
+    Averaging probabilities (not logits) is what an ensemble predicts; returned as log-probabilities so that
+    ``softmax(output)`` is that average (soft targets at tau 1, argmax for hard ones) and higher temperatures still
+    flatten it.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("a teacher ensemble needs at least two members")
+        self.members = nn.ModuleList(members)
+        first = members[0]
+        self.num_classes = getattr(first, "num_classes", None)
+        if getattr(first, "preprocessing", None) is not None:
+            self.preprocessing = first.preprocessing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = None
+        for m in self.members:
+            out = m(x)
+            p = F.softmax((out[0] if isinstance(out, (tuple, list)) else out).float(), dim=-1)
+            probs = p if probs is None else probs + p
+        return (probs / len(self.members)).clamp_min(1e-12).log()
+
+
 def _load_state(src: str) -> dict:
     if src.startswith(("http://", "https://")):
         sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", check_hash=False)
@@ -99,7 +127,8 @@ def _load_state(src: str) -> dict:
 
 
 def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_chans: int) -> FrozenTeacher:
-    """Teacher from a checkpoint file (any format repvit reads), a repvit variant, or a timm model name.
+    """Teacher from a checkpoint file (any format repvit reads), a repvit variant, or a timm model name;
+    a comma-separated list of these is an ensemble (:class:`TeacherEnsemble`).
 
     A timm teacher loads ``checkpoint`` (URL or file, e.g. the DeiT RegNetY-16GF weights); without
     one it uses timm's pretrained weights.
@@ -108,6 +137,18 @@ def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_cha
     from repvit.models import list_models
 
     from .builder import model_from_file
+
+    names = [n.strip() for n in name.split(",")] if "," in name else [name]
+    if len(names) > 1:
+        # "a.safetensors,b.safetensors": an ensemble of teachers (each any of the forms below, its own weights)
+        if checkpoint:
+            raise ValueError("distill.teacher_checkpoint names one checkpoint, but distill.teacher lists "
+                             f"{len(names)} teachers: give each teacher as a checkpoint file and set "
+                             "distill.teacher_checkpoint=null")
+        if any(not n for n in names):
+            raise ValueError(f"distill.teacher {name!r} has an empty entry in its comma-separated list")
+        members = [build_teacher(n, None, num_classes=num_classes, in_chans=in_chans).model for n in names]
+        return FrozenTeacher(TeacherEnsemble(members))
 
     # The teacher's classifier is what it teaches: never ask for num_classes while loading its weights (that
     # would put a random head on a pretrained teacher, silently); load it as it is and compare below.
