@@ -255,3 +255,13 @@ def test_comma_separated_teachers_build_a_frozen_ensemble(tmp_path):
         build_teacher(f"{paths[0]},{paths[1]}", str(paths[0]), num_classes=10, in_chans=1)
     with pytest.raises(ValueError, match="empty entry"):
         build_teacher(f"{paths[0]},", None, num_classes=10, in_chans=1)
+
+
+def test_ensemble_input_mismatch_names_the_member():
+    from repvit.train.distill import TeacherEnsemble, teacher_input_mismatch
+    a, b = nn.Linear(3, 4), nn.Linear(3, 4)
+    a.preprocessing = {"mean": [0.5], "std": [0.5]}
+    b.preprocessing = {"mean": [0.2], "std": [0.5]}
+    note = teacher_input_mismatch(TeacherEnsemble([a, b]), {"mean": [0.5], "std": [0.5]})
+    assert note is not None and note.startswith("member 1:") and "member 0" not in note
+    assert teacher_input_mismatch(TeacherEnsemble([a, a]), {"mean": [0.5], "std": [0.5]}) is None

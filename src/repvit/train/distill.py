@@ -182,6 +182,10 @@ def teacher_input_mismatch(teacher: nn.Module, student_pre: dict) -> str | None:
     """How the teacher's expected normalisation differs from the student's data, or None (unknown counts as equal).
 
     The teacher is fed the student's batches, so a teacher trained with other mean/std sees shifted inputs."""
+    if isinstance(teacher, TeacherEnsemble):   # every member sees the same batches: check each
+        notes = [f"member {i}: {n}" for i, m in enumerate(teacher.members)
+                 if (n := teacher_input_mismatch(m, student_pre))]
+        return "; ".join(notes) or None
     want = getattr(teacher, "preprocessing", None)                      # repvit models
     if not isinstance(want, dict):
         cfg = getattr(teacher, "pretrained_cfg", None) or {}            # timm models
