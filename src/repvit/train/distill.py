@@ -63,6 +63,11 @@ def teacher_targets(logits: torch.Tensor, kind: str, tau: float = 1.0) -> torch.
     return F.softmax(logits / tau, dim=-1)
 
 
+def _class_logits(out) -> torch.Tensor:
+    """A teacher's prediction: the class head's logits of a (cls, dist) pair, or the single output."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 class FrozenTeacher(nn.Module):
     """Wraps a teacher: no gradients, always in eval mode (``train()`` cannot switch it back)."""
 
@@ -77,8 +82,7 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return _class_logits(self.model(x))
 
 
 class TeacherEnsemble(nn.Module):
@@ -94,16 +98,11 @@ class TeacherEnsemble(nn.Module):
         if len(members) < 2:
             raise ValueError("a teacher ensemble needs at least two members")
         self.members = nn.ModuleList(members)
-        first = members[0]
-        self.num_classes = getattr(first, "num_classes", None)
-        if getattr(first, "preprocessing", None) is not None:
-            self.preprocessing = first.preprocessing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = None
         for m in self.members:
-            out = m(x)
-            p = F.softmax((out[0] if isinstance(out, (tuple, list)) else out).float(), dim=-1)
+            p = F.softmax(_class_logits(m(x)).float(), dim=-1)
             probs = p if probs is None else probs + p
         return (probs / len(self.members)).clamp_min(1e-12).log()
 
