@@ -90,3 +90,47 @@ def test_eval_cli_passes_the_tta_mode_through(tmp_path, capsys, monkeypatch):
     flip = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plain["tta"] == "none" and flip["tta"] == "flip" and flip["n"] == plain["n"] == 64
     assert seen == ["none", "flip"]
+
+
+def test_eval_of_a_checkpoint_list_reports_members_and_their_mean_probability_ensemble(tmp_path, capsys):
+    from repvit.data import build_data
+    from repvit.train.builder import model_from_file
+    from repvit.train.config import AugConfig
+
+    runs = []
+    for seed in (0, 1):     # two different students of the same data
+        run = tmp_path / f"run{seed}"
+        train(tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=3", f"run.seed={seed}"), run)
+        runs.append(run)
+    files = [str(r / "deploy.safetensors") for r in runs]
+    assert main(["eval", ",".join(files), "--data", "digits", "--max-samples", "64", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["weights"] for r in res["results"]] == files + ["ensemble"]
+    assert res["top1"] == res["results"][-1]["top1"] and res["results"][-1]["members"] == 2
+
+    # the same numbers by hand: load both models, average their softmax outputs on the same 64 images
+    models = [model_from_file(f).eval() for f in files]
+    cfg = tiny_config()
+    cfg.data.img_size, cfg.data.max_val_samples = 16, 64
+    cfg.data.mean, cfg.data.std = tuple(models[0].preprocessing["mean"]), tuple(models[0].preprocessing["std"])
+    ds = build_data(cfg.data, AugConfig(), train=False).val
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        probs = [m(x).softmax(1) for m in models]
+    for r, p in zip(res["results"], probs + [sum(probs) / 2]):
+        assert r["top1"] == pytest.approx(_by_hand(p, y)["top1"])
+    assert res["results"][-1]["loss"] == pytest.approx(nn.functional.nll_loss((sum(probs) / 2).log(), y).item(),
+                                                       rel=1e-4)
+
+
+def test_eval_of_a_checkpoint_list_refuses_members_with_different_inputs(tmp_path):
+    from repvit.train.evaluate import evaluate_checkpoint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=1"), a)
+    train(tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=1", "data.img_size=20"), b)
+    with pytest.raises(ValueError, match=r"ensemble member .*b/deploy.safetensors.* input_size"):
+        evaluate_checkpoint(f"{a}/deploy.safetensors,{b}/deploy.safetensors", "digits", max_samples=8)
+    with pytest.raises(ValueError, match="empty entry"):
+        evaluate_checkpoint(f"{a}/deploy.safetensors,", "digits", max_samples=8)

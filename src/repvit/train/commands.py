@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint (raw and EMA, train or deploy form)")
-    e.add_argument("checkpoint", help="our .safetensors, any checkpoint repvit reads, or a run's last.pt / run dir")
+    e.add_argument("checkpoint", help="our .safetensors, any checkpoint repvit reads, or a run's last.pt / run dir; "
+                   "a comma-separated list evaluates each member and their ensemble (mean probability)")
     e.add_argument("--data", required=True, help="built-in name (fashion-mnist, digits) or dataset path")
     e.add_argument("--split", default="val", help="split folder of the dataset (default: val)")
     e.add_argument("--form", choices=("train", "deploy"), default="train", help="evaluate as trained or fused")

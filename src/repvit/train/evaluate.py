@@ -134,6 +134,35 @@ def _models_from_train_state(path: Path) -> tuple[list[tuple[str, nn.Module]], d
     return out, {"config": cfg}
 
 
+def _load_for_eval(p: Path) -> list[tuple[str, nn.Module]]:
+    """The models a checkpoint holds: ("raw", "ema") for a run's last.pt / run dir, ("weights",) otherwise."""
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} not found")
+    if p.is_dir() or p.suffix == ".pt" and _is_train_state(p):
+        return _models_from_train_state(p)[0]
+    from .builder import model_from_file
+    return [("weights", model_from_file(str(p)))]
+
+
+def _ensemble_members(paths: list[Path]) -> list[tuple[str, nn.Module]]:
+    """One model per checkpoint (its EMA weights when it holds them), all with the same input preprocessing:
+    an ensemble averages predictions on one input tensor, so members trained on different inputs cannot share it."""
+    members = []
+    for p in paths:
+        models = dict(_load_for_eval(p))
+        key = "ema" if "ema" in models else next(iter(models))
+        members.append((f"{p}" + (f" ({key})" if key != "weights" else ""), models[key]))
+    ref_name, ref = members[0]
+    ref_pre = getattr(ref, "preprocessing", None) or {}
+    for name, m in members[1:]:
+        pre = getattr(m, "preprocessing", None) or {}
+        for k in ("input_size", "mean", "std"):
+            if pre.get(k) is not None and ref_pre.get(k) is not None and list(pre[k]) != list(ref_pre[k]):
+                raise ValueError(f"ensemble member {name} was trained with {k} {list(pre[k])} but {ref_name} with "
+                                 f"{list(ref_pre[k])}: members must share the input preprocessing")
+    return members
+
+
 def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval_crop: str = "official",
                         batch_size: int = 128, device: str = "auto", img_size: int | None = None,
                         num_workers: int = 4, max_samples: int | None = None, data_format: str = "auto",
@@ -142,22 +171,23 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
 
     Returns ``{"top1", "top5", "results": [{"weights", "form", "top1", "top5", ...}], ...}``; the
     top-level numbers are those of the EMA weights when the checkpoint holds them, else the raw ones.
+
+    A comma-separated list ``a.pt,b.safetensors`` evaluates an ensemble: each member (its EMA weights when it has
+    them) and the mean of the members' probabilities (what ``distill.teacher=a,b`` teaches); the top-level numbers
+    are the ensemble's.
     """
     from repvit.reparam import reparameterize
 
     from .config import AugConfig, DataConfig
+    from .distill import TeacherEnsemble
 
-    p = Path(checkpoint)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} not found")
     if form not in ("train", "deploy"):
         raise ValueError(f"--form must be train or deploy, got {form!r}")
     _check_tta(tta)     # before any data is read
-    if p.is_dir() or p.suffix == ".pt" and (p.is_dir() or _is_train_state(p)):
-        models, _ = _models_from_train_state(p)
-    else:
-        from .builder import model_from_file
-        models = [("weights", model_from_file(str(p)))]
+    paths = [Path(s.strip()) for s in checkpoint.split(",")]
+    if any(not str(s).strip() for s in checkpoint.split(",")):
+        raise ValueError(f"checkpoint list {checkpoint!r} has an empty entry")
+    models = _load_for_eval(paths[0]) if len(paths) == 1 else _ensemble_members(paths)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     pre = getattr(models[0][1], "preprocessing", None) or {}
@@ -168,18 +198,25 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
                       std=tuple(pre["std"]) if pre.get("std") else None,
                       interpolation=pre.get("interpolation", "bicubic"))
     bundle = build_data(dcfg, AugConfig(), train=False)
-    results = []
+    workers = 0 if bundle.train is None and bundle.name in ("fashion-mnist", "digits") else num_workers
+    results, fused = [], []
     for name, model in models:
         if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
-            raise ValueError(f"the checkpoint predicts {model.num_classes} classes but {data} has "
+            raise ValueError(f"the checkpoint {name} predicts {model.num_classes} classes but {data} has "
                              f"{bundle.num_classes}")
         m = reparameterize(model) if form == "deploy" and not getattr(model, "deploy", False) else model
-        r = evaluate(m.to(dev), bundle.val, device=dev, batch_size=batch_size, tta=tta,
-                     num_workers=0 if bundle.train is None and bundle.name in ("fashion-mnist", "digits") else num_workers)
+        fused.append(m.to(dev))
+        r = evaluate(m, bundle.val, device=dev, batch_size=batch_size, tta=tta, num_workers=workers)
         results.append({"weights": name, "form": "deploy" if getattr(m, "deploy", False) or form == "deploy" else "train",
                         **r})
-    main = next((r for r in results if r["weights"] == "ema"), results[0])
-    return {"checkpoint": str(p), "data": bundle.name, "eval_crop": eval_crop, "img_size": size, "tta": tta,
+    if len(paths) > 1:
+        r = evaluate(TeacherEnsemble(fused), bundle.val, device=dev, batch_size=batch_size, tta=tta,
+                     num_workers=workers)
+        results.append({"weights": "ensemble", "form": results[0]["form"], "members": len(fused), **r})
+    main = next((r for r in results if r["weights"] == "ensemble"), None) or \
+        next((r for r in results if r["weights"] == "ema"), results[0])
+    return {"checkpoint": checkpoint if len(paths) > 1 else str(paths[0]), "data": bundle.name,
+            "eval_crop": eval_crop, "img_size": size, "tta": tta,
             "top1": main["top1"], "top5": main["top5"], "n": main["n"], "results": results}
 
 
