@@ -184,9 +184,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     if form not in ("train", "deploy"):
         raise ValueError(f"--form must be train or deploy, got {form!r}")
     _check_tta(tta)     # before any data is read
-    paths = [Path(s.strip()) for s in checkpoint.split(",")]
-    if any(not str(s).strip() for s in checkpoint.split(",")):
+    if any(not s.strip() for s in checkpoint.split(",")):
         raise ValueError(f"checkpoint list {checkpoint!r} has an empty entry")
+    paths = [Path(s.strip()) for s in checkpoint.split(",")]
     models = _load_for_eval(paths[0]) if len(paths) == 1 else _ensemble_members(paths)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -202,7 +202,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     results, fused = [], []
     for name, model in models:
         if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
-            raise ValueError(f"the checkpoint {name} predicts {model.num_classes} classes but {data} has "
+            who = f"ensemble member {name}" if len(paths) > 1 else "the checkpoint"
+            raise ValueError(f"{who} predicts {model.num_classes} classes but {data} has "
                              f"{bundle.num_classes}")
         m = reparameterize(model) if form == "deploy" and not getattr(model, "deploy", False) else model
         fused.append(m.to(dev))
