@@ -107,6 +107,15 @@ class TeacherEnsemble(nn.Module):
         return (probs / len(self.members)).clamp_min(1e-12).log()
 
 
+def split_comma_list(value: str, what: str) -> list[str]:
+    """The entries of "a,b,..." (stripped); an empty entry is an error naming ``what``. Used for teacher ensembles
+    and for the ensembles ``repvit eval`` scores, so both read a list the same way."""
+    parts = [s.strip() for s in value.split(",")]
+    if any(not s for s in parts):
+        raise ValueError(f"{what} {value!r} has an empty entry in its comma-separated list")
+    return parts
+
+
 def _load_state(src: str) -> dict:
     if src.startswith(("http://", "https://")):
         sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", check_hash=False)
@@ -137,16 +146,14 @@ def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_cha
 
     from .builder import model_from_file
 
-    names = [n.strip() for n in name.split(",")] if "," in name else [name]
-    if len(names) > 1:
+    if "," in name:
         # "a.safetensors,b.safetensors": an ensemble of teachers (each any of the forms below, its own weights)
         if checkpoint:
             raise ValueError("distill.teacher_checkpoint names one checkpoint, but distill.teacher lists "
-                             f"{len(names)} teachers: give each teacher as a checkpoint file and set "
+                             f"{name.count(',') + 1} teachers: give each teacher as a checkpoint file and set "
                              "distill.teacher_checkpoint=null")
-        if any(not n for n in names):
-            raise ValueError(f"distill.teacher {name!r} has an empty entry in its comma-separated list")
-        members = [build_teacher(n, None, num_classes=num_classes, in_chans=in_chans).model for n in names]
+        members = [build_teacher(n, None, num_classes=num_classes, in_chans=in_chans).model
+                   for n in split_comma_list(name, "distill.teacher")]
         return FrozenTeacher(TeacherEnsemble(members))
 
     # The teacher's classifier is what it teaches: never ask for num_classes while loading its weights (that

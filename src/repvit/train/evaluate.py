@@ -179,14 +179,12 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     from repvit.reparam import reparameterize
 
     from .config import AugConfig, DataConfig
-    from .distill import TeacherEnsemble
+    from .distill import TeacherEnsemble, split_comma_list
 
     if form not in ("train", "deploy"):
         raise ValueError(f"--form must be train or deploy, got {form!r}")
     _check_tta(tta)     # before any data is read
-    if any(not s.strip() for s in checkpoint.split(",")):
-        raise ValueError(f"checkpoint list {checkpoint!r} has an empty entry")
-    paths = [Path(s.strip()) for s in checkpoint.split(",")]
+    paths = [Path(s) for s in split_comma_list(checkpoint, "checkpoint list")]
     models = _load_for_eval(paths[0]) if len(paths) == 1 else _ensemble_members(paths)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
