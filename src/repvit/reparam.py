@@ -4,8 +4,10 @@ Protocol: every train-time module that can fold implements ``fuse()`` and return
 module that replaces it (ConvBN -> Conv2d, RepDWConv -> depthwise Conv2d,
 BNLinear -> Linear, ClassifierHead -> LinearHead). ``reparameterize`` walks the tree,
 swaps each such module for its fused form, then *verifies* the result: if any
-BatchNorm or any still-fusable module remains it raises, naming it. It never replaces an
-un-fused BatchNorm with Identity (the official helper does, silently changing outputs).
+BatchNorm (any ``_BatchNorm``, SyncBatchNorm included) or any still-fusable module remains it
+raises, naming it. It never replaces an un-fused BatchNorm with Identity (the official helper
+does, silently changing outputs). A ``fuse()`` meets only BatchNorms it folds (SyncBatchNorm
+after ``convert_sync_batchnorm`` folds like BatchNorm2d); any other norm type raises.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ def _is_fusable(m: nn.Module) -> bool:
     return callable(getattr(m, "fuse", None))
 
 
-def _fuse_children(parent: nn.Module) -> None:
+def _fuse_children(parent: nn.Module, prefix: str = "") -> None:
     for name, child in list(parent.named_children()):
         if _is_fusable(child):
-            setattr(parent, name, child.fuse())
+            try:
+                fused = child.fuse()
+            except ReparameterizationError as e:  # e.g. a norm that is not a BatchNorm: say which module
+                raise ReparameterizationError(f"{prefix}{name} ({type(child).__name__}): {e}") from e
+            setattr(parent, name, fused)
         else:
-            _fuse_children(child)
+            _fuse_children(child, f"{prefix}{name}.")
 
 
 def leftover_train_modules(model: nn.Module) -> list[str]:

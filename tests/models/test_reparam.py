@@ -113,3 +113,57 @@ def test_fused_model_exports(name):
         prog = torch.export.export(fused, (x,))
         with torch.no_grad():
             torch.testing.assert_close(prog.module()(x), ref)
+
+
+def _sync_bn_model() -> nn.Module:
+    m = randomize_bn(repvit.create_model("repvit_m0_6", distillation=True, num_classes=7), seed=3).double()
+    return nn.SyncBatchNorm.convert_sync_batchnorm(m).eval()
+
+
+def test_syncbatchnorm_model_fuses_exactly():
+    """After convert_sync_batchnorm (DDP training) every norm is a SyncBatchNorm, which is not a BatchNorm2d
+    subclass: fusion must fold them all (the token mixer's outer norm included), not skip any."""
+    s = _sync_bn_model()
+    assert isinstance(s.stages[0].blocks[0].token_mixer.bn, nn.SyncBatchNorm)
+    assert isinstance(s.head.head.bn, nn.SyncBatchNorm)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        ref = s(x)  # SyncBatchNorm in eval mode runs on CPU without a process group
+        fused = repvit.reparameterize(s)
+        out = fused(x)
+    assert not any(isinstance(mod, _BatchNorm) for mod in fused.modules())
+    assert repvit.reparam.is_deploy_form(fused)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 1e-9, rel
+
+
+def test_leftover_syncbatchnorm_is_reported():
+    m = repvit.create_model("repvit_m0_6", num_classes=3)
+    m.stages[1].blocks[0].se = nn.Sequential(nn.SyncBatchNorm(80))
+    with pytest.raises(ReparameterizationError, match=r"stages\.1\.blocks\.0\.se\.0 \(SyncBatchNorm\)"):
+        repvit.reparameterize(m)
+
+
+@pytest.mark.parametrize("where", ["token_mixer.bn", "token_mixer.conv.bn", "channel_mixer.conv1.bn"])
+def test_unexpected_norm_type_raises_instead_of_being_skipped(where):
+    m = repvit.create_model("repvit_m0_6", num_classes=3)
+    block = m.stages[0].blocks[0]
+    parent, attr = block.get_submodule(where.rsplit(".", 1)[0]), where.rsplit(".", 1)[1]
+    width = getattr(parent, attr).num_features
+    setattr(parent, attr, nn.GroupNorm(1, width))
+    owner = "token_mixer" if where.startswith("token_mixer") else where.rsplit(".", 1)[0]
+    with pytest.raises(ReparameterizationError, match=rf"stages\.0\.blocks\.0\.{owner} .*cannot fold GroupNorm"):
+        repvit.reparameterize(m)
+
+
+@pytest.mark.parametrize("name", ["repvit_m0_6", "repvit_m1"])  # current and legacy token mixer
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_fusion_rounds_once(name, dtype):
+    """bf16/fp16 fused weights are the float64 fold of the same weights rounded once, not a sum of
+    already-rounded partial folds."""
+    m = randomize_bn(repvit.create_model(name, distillation=True, num_classes=5), seed=4).to(dtype)
+    fused = repvit.reparameterize(m).state_dict()
+    exact = repvit.reparameterize(copy.deepcopy(m).double()).state_dict()  # low-precision values are exact in f64
+    assert fused.keys() == exact.keys()
+    bad = [k for k in fused if not torch.equal(fused[k], exact[k].to(dtype))]
+    assert not bad, bad[:5]

@@ -93,3 +93,31 @@ def test_unwritable_output(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="cannot write .*x.safetensors"):
         repvit.save_checkpoint(repvit.create_model("repvit_m0_6"), blocker / "x.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["convnext_atto", "fastvit_t8"])
+def test_foreign_timm_checkpoint_with_stem_and_stages_keys(tmp_path, arch):
+    """Other timm models also use 'stem.*' / 'stages.N.blocks.M.*' keys: a clear format error, not a KeyError."""
+    timm = pytest.importorskip("timm")
+    torch.save(timm.create_model(arch).state_dict(), tmp_path / f"{arch}.pth")
+    with pytest.raises(CheckpointFormatError, match=rf"{arch}\.pth: .*do not follow the RepViT layout.*another timm"):
+        repvit.create_model("repvit_m0_6", checkpoint=tmp_path / f"{arch}.pth")
+
+
+def test_foreign_stage_keys_without_timm(tmp_path):
+    sd = {"stem.conv1.c.weight": torch.zeros(20, 3, 3, 3), "stem.conv1.bn.running_mean": torch.zeros(20),
+          "stages.0.blocks.0.conv_dw.weight": torch.zeros(40, 1, 7, 7)}
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointFormatError, match=r"stages\.0\.blocks\.0\.channel_mixer\.conv2\.c\.weight"):
+        repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "odd.pth")
+
+
+def test_ema_only_file_with_use_ema_false_says_so(tmp_path):
+    m = repvit.create_model("repvit_m0_6")
+    torch.save({"model_ema": m.state_dict(), "epoch": 3}, tmp_path / "ema_only.pth")
+    with pytest.raises(CheckpointFormatError, match=r"only EMA weights \('model_ema'.*use_ema=True"):
+        repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "ema_only.pth", use_ema=False)
+    # unset (None) and True take the EMA weights
+    for use_ema in (None, True):
+        got = repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "ema_only.pth", use_ema=use_ema).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in m.state_dict().items())

@@ -201,7 +201,23 @@ def test_features_only_loads_backbone_from_classifier_checkpoint(tmp_path):
             torch.testing.assert_close(a, b)
 
 
-def test_ddp_and_compile_prefixes_are_stripped(tmp_path):
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."])
+def test_ddp_and_compile_prefixes_are_stripped(tmp_path, prefix):
+    # torch.compile(DDP(model)) saves '_orig_mod.module.', DDP(torch.compile(model)) 'module._orig_mod.'
     m = randomize_bn(repvit.create_model("repvit_m0_6"))
-    torch.save({"model": {"module." + k: v for k, v in m.state_dict().items()}}, tmp_path / "ddp.pth")
+    torch.save({"model": {prefix + k: v for k, v in m.state_dict().items()}}, tmp_path / "ddp.pth")
     assert _same(repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "ddp.pth").state_dict(), m.state_dict())
+
+
+def test_features_only_keeps_the_checkpoints_preprocessing(tmp_path):
+    m = repvit.create_model("repvit_m0_6", in_chans=1, num_classes=10)
+    m.preprocessing = {"input_size": [1, 48, 48], "mean": [0.286], "std": [0.353], "interpolation": "bilinear",
+                       "crop_pct": 1.0}
+    repvit.save_checkpoint(m, tmp_path / "fm.safetensors")
+    for deploy in (None, True):
+        bb = repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "fm.safetensors", features_only=True,
+                                 deploy=deploy)
+        assert isinstance(bb, repvit.RepViTFeatures) and bb.preprocessing == m.preprocessing
+    bb = repvit.load_checkpoint(repvit.create_model("repvit_m0_6", in_chans=1, features_only=True),
+                                tmp_path / "fm.safetensors")
+    assert bb.preprocessing == m.preprocessing

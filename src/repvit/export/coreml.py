@@ -43,14 +43,15 @@ def _fold_channel_scale(model: nn.Module, fold: Sequence[float]) -> nn.Module:
 
 
 def export_coreml(
-    model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int] | None = None, fp16: bool = True,
+    model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int] | None = None, fp16: bool = False,
     class_labels: Sequence[str] | None = None, deployment_target: str = "iOS16", sidecar: bool = True,
 ) -> dict[str, Any]:
     """Convert ``model`` (fused first) to a Core ML ML Program at ``path`` (``.mlpackage``).
 
     Input: an RGB (or grayscale for 1-channel models) image named ``image`` of the export size;
     outputs: ``classLabel`` and the ``classLabel_probs`` dict (softmax over the logits). ``fp16``
-    selects the compute precision (fp16 is what the Neural Engine runs). Returns the sidecar dict.
+    selects the compute precision: fp32 by default (as the CLI's ``--fp16`` flag); ``fp16=True`` for what the
+    Neural Engine runs. Returns the sidecar dict.
     """
     ct = require("coremltools", "Core ML export")
     out = Path(path)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..reparam import ReparameterizationError
 from .specs import RepViTSpec, default_preprocessing
 
 __all__ = ["RepViT", "RepViTFeatures", "ConvBN", "RepDWConv", "BNLinear", "ClassifierHead", "LinearHead"]
@@ -39,26 +40,58 @@ __all__ = ["RepViT", "RepViTFeatures", "ConvBN", "RepDWConv", "BNLinear", "Class
 
 
 def _fold_dtype(t: torch.Tensor) -> torch.dtype:
-    # Fold in float64 where the device has it so the fused weights are the exact
-    # rounding of the true fold in the model's own dtype (float64 models stay exact).
+    # Fold in float64 where the device has it (MPS has no float64: float32 there). Every fold keeps its
+    # intermediates in this dtype and rounds to the model's dtype once, at the end, so the fused weights are
+    # the single rounding of the true fold (float64 models stay exact; bf16/fp16 models are not rounded twice).
     return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def _require_batchnorm(norm: nn.Module, where: str) -> nn.modules.batchnorm._BatchNorm:
+    """``norm`` if it is a foldable BatchNorm (any ``_BatchNorm``: BatchNorm1d/2d, SyncBatchNorm, ...), else raise.
+
+    Fusion must never skip a norm it does not understand: that would silently change the outputs.
+    """
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise ReparameterizationError(
+            f"cannot fold {type(norm).__name__} in {where}: only BatchNorm layers (BatchNorm1d/2d, SyncBatchNorm) "
+            "fold into the preceding conv/linear. Convert it back to BatchNorm or leave the model unfused."
+        )
+    if norm.running_mean is None or norm.running_var is None:
+        raise ReparameterizationError(
+            f"cannot fold the {type(norm).__name__} in {where}: it has no running statistics "
+            "(track_running_stats=False)"
+        )
+    return norm
+
+
+@torch.no_grad()
+def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, fd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with ``bn(y) == scale * y + shift`` in eval mode, computed in ``fd``."""
+    gamma = bn.weight.to(fd) if bn.weight is not None else torch.ones_like(bn.running_var, dtype=fd)
+    beta = bn.bias.to(fd) if bn.bias is not None else torch.zeros_like(bn.running_mean, dtype=fd)
+    scale = gamma / torch.sqrt(bn.running_var.to(fd) + bn.eps)
+    return scale, beta - bn.running_mean.to(fd) * scale
+
+
+@torch.no_grad()
+def _fold_bn_exact(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module, fd: torch.dtype, where: str = "a ConvBN",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``bn(conv(x) + bias)`` into (weight, bias), both in ``fd`` (not rounded)."""
+    bn = _require_batchnorm(bn, where)
+    scale, shift = _bn_scale_shift(bn, fd)
+    w = weight.to(fd) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    b = shift if bias is None else bias.to(fd) * scale + shift
+    return w, b
 
 
 @torch.no_grad()
 def fold_bn(
     weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``bn(conv(x) + bias)`` into a single (weight, bias) in the conv's dtype."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise RuntimeError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
-    fd = _fold_dtype(weight)
-    gamma = bn.weight.to(fd) if bn.weight is not None else torch.ones_like(bn.running_var, dtype=fd)
-    beta = bn.bias.to(fd) if bn.bias is not None else torch.zeros_like(bn.running_mean, dtype=fd)
-    scale = gamma / torch.sqrt(bn.running_var.to(fd) + bn.eps)
-    b = torch.zeros_like(bn.running_mean, dtype=fd) if bias is None else bias.to(fd)
-    w = weight.to(fd) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    new_bias = beta + (b - bn.running_mean.to(fd)) * scale
-    return w.to(weight.dtype), new_bias.to(weight.dtype)
+    """Fold ``bn(conv(x) + bias)`` into a single (weight, bias) in the conv's dtype (rounded once)."""
+    w, b = _fold_bn_exact(weight, bias, bn, _fold_dtype(weight))
+    return w.to(weight.dtype), b.to(weight.dtype)
 
 
 def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
@@ -166,7 +199,7 @@ class ConvBN(nn.Sequential):
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
-        w, b = fold_bn(self.c.weight, None, self.bn)
+        w, b = fold_bn(self.c.weight, None, _require_batchnorm(self.bn, "ConvBN.bn"))
         return _conv_like(self.c, w, b)
 
 
@@ -203,20 +236,21 @@ class RepDWConv(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
-        conv_k = self.conv.fuse()
+        # the whole fold (inner ConvBNs, branch sum, outer norm) stays in float64 and is rounded once
+        kw = self.conv.c.weight
+        fd, c = _fold_dtype(kw), self.kernel_size // 2
+        wk, bk = _fold_bn_exact(kw, None, self.conv.bn, fd, "RepDWConv.conv.bn")
         if self.legacy:
-            conv1 = self.conv1.fuse()
-            w1, b1 = conv1.weight, conv1.bias
+            w1, b1 = _fold_bn_exact(self.conv1.c.weight, None, self.conv1.bn, fd, "RepDWConv.conv1.bn")
         else:
-            w1, b1 = self.conv1.weight, self.conv1.bias
-        fd, c = _fold_dtype(conv_k.weight), self.kernel_size // 2
+            w1, b1 = self.conv1.weight.to(fd), self.conv1.bias.to(fd)
         # 1x1 branch padded to the centre of the kxk kernel; identity = a centred 1
-        w = conv_k.weight.to(fd) + F.pad(w1.to(fd), [c, c, c, c])
+        w = wk + F.pad(w1, [c, c, c, c])
         w[:, 0, c, c] += 1.0
-        b = conv_k.bias.to(fd) + b1.to(fd)
-        if isinstance(self.bn, nn.BatchNorm2d):
-            w, b = fold_bn(w, b, self.bn)
-        return _conv_like(conv_k, w.to(conv_k.weight.dtype), b.to(conv_k.weight.dtype))
+        b = bk + b1
+        if not isinstance(self.bn, nn.Identity):  # legacy layout has no outer norm; anything else must fold
+            w, b = _fold_bn_exact(w, b, self.bn, fd, "RepDWConv.bn")
+        return _conv_like(self.conv.c, w.to(kw.dtype), b.to(kw.dtype))
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -361,18 +395,23 @@ class BNLinear(nn.Sequential):
         nn.init.zeros_(self.l.bias)
 
     @torch.no_grad()
+    def _fold(self, fd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # y = W (k x + shift) + b  =  (W * k) x + (W shift + b),  k = gamma / s, in ``fd`` (not rounded)
+        scale, shift = _bn_scale_shift(_require_batchnorm(self.bn, "BNLinear.bn"), fd)
+        w = self.l.weight.to(fd)
+        return w * scale[None, :], w @ shift + self.l.bias.to(fd)
+
+    @torch.no_grad()
     def fuse(self) -> nn.Linear:
-        # y = W (gamma (x - mu) / s + beta) + b  =  (W * k) x + (W beta' + b),  k = gamma / s
-        fd = _fold_dtype(self.l.weight)
-        bn = self.bn
-        k = bn.weight.to(fd) / torch.sqrt(bn.running_var.to(fd) + bn.eps)
-        shift = bn.bias.to(fd) - bn.running_mean.to(fd) * k
-        w = self.l.weight.to(fd) * k[None, :]
-        b = self.l.weight.to(fd) @ shift + self.l.bias.to(fd)
-        lin = nn.Linear(self.l.in_features, self.l.out_features, device=w.device, dtype=self.l.weight.dtype)
-        lin.weight.data.copy_(w)
-        lin.bias.data.copy_(b)
-        return lin
+        w, b = self._fold(_fold_dtype(self.l.weight))
+        return _linear_like(self.l, w, b)
+
+
+def _linear_like(ref: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(ref.in_features, ref.out_features, device=ref.weight.device, dtype=ref.weight.dtype)
+    lin.weight.data.copy_(weight.to(ref.weight.dtype))  # the one rounding to the model's dtype
+    lin.bias.data.copy_(bias.to(ref.weight.dtype))
+    return lin
 
 
 class ClassifierHead(nn.Module):
@@ -402,12 +441,13 @@ class ClassifierHead(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> "LinearHead":
-        lin = self.head.fuse()
+        fd = _fold_dtype(self.head.l.weight)
+        w, b = self.head._fold(fd)
         if self.head_dist is not None:
-            # the two heads are averaged at inference, so their folded Linears average too
-            other = self.head_dist.fuse()
-            lin.weight.data = (lin.weight.data + other.weight.data) / 2
-            lin.bias.data = (lin.bias.data + other.bias.data) / 2
+            # the two heads are averaged at inference, so their folded Linears average too (in ``fd``, rounded once)
+            w2, b2 = self.head_dist._fold(fd)
+            w, b = (w + w2) / 2, (b + b2) / 2
+        lin = _linear_like(self.head.l, w, b)
         out = LinearHead(lin.in_features, self.num_classes, drop_rate=self.drop_rate)
         out.head = lin
         return out
@@ -574,6 +614,8 @@ class RepViTFeatures(nn.Module):
         self.variant = model.variant
         self.spec = model.spec
         self.deploy = model.deploy
+        # evaluation preprocessing (e.g. normalisation read from a checkpoint) stays with the backbone
+        self.preprocessing: dict = model.preprocessing
         self.stem = model.stem
         self.stages = model.stages[: max(self.out_indices) + 1]
         self.feature_info = [model.feature_info[i] for i in self.out_indices]

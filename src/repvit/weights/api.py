@@ -13,9 +13,9 @@ from ..models.registry import build_model, canonical_name
 from ..models.repvit import ClassifierHead, RepViT, RepViTFeatures
 from ..reparam import reparameterize
 from . import layouts
-from .hub import download_weights, get_weights
-from .io import (FORMAT_VERSION, PICKLE_SUFFIXES, CheckpointFormatError, ReadCheckpoint, read_checkpoint,
-                 write_state_dict)
+from .hub import download_weights, get_weights, sidecar_path
+from .io import (FORMAT_VERSION, PICKLE_SUFFIXES, CheckpointFormatError, CorruptCheckpointError, ReadCheckpoint,
+                 read_checkpoint, write_state_dict)
 
 __all__ = ["create_model", "model_from_checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointMismatchError"]
 
@@ -105,7 +105,7 @@ def load_checkpoint(
     _check_variant(ck, model)
     _check_form(ck, model)
     _load_into(model, ck.state_dict, ck, strict=strict)
-    if "preprocessing" in ck.metadata and isinstance(model, RepViT):
+    if "preprocessing" in ck.metadata and isinstance(model, (RepViT, RepViTFeatures)):
         model.preprocessing = ck.metadata["preprocessing"]
     return model
 
@@ -141,8 +141,9 @@ def create_model(
     """
     name = canonical_name(name)  # unknown names raise here, listing the variants
     source = checkpoint
+    downloaded = False
     if pretrained and checkpoint is None:
-        source = download_weights(get_weights(name, pretrained))
+        source, downloaded = download_weights(get_weights(name, pretrained)), True
     if source is None:
         return build_model(
             name, deploy=bool(deploy), distillation=bool(distillation),
@@ -150,7 +151,17 @@ def create_model(
             features_only=features_only, out_indices=out_indices, **kwargs,
         )
 
-    ck = read_checkpoint(source, use_ema=use_ema)
+    try:
+        ck = read_checkpoint(source, use_ema=use_ema)
+    except CorruptCheckpointError as e:
+        if not downloaded:
+            raise
+        # the cached download is unreadable (a truncated first download, ...): it is not deleted automatically,
+        # because its digest was recorded as trusted at first use; say which file to remove
+        raise CorruptCheckpointError(
+            f"the cached pretrained weights at {source} cannot be read: {e} Delete {source} and "
+            f"{sidecar_path(source)}, then call create_model(..., pretrained=True) again to download them afresh."
+        ) from e
     info = ck.info
     if deploy is False and info.form == "deploy":
         raise CheckpointMismatchError(

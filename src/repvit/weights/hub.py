@@ -1,30 +1,56 @@
-"""Pretrained weights, described as data, and their download (torch.hub cache, checksum-checked).
+"""Pretrained weights, described as data, and their download into the torch.hub cache.
 
 Entries describe the official THU-MIG release files (ImageNet-1K, hard distillation from
 RegNetY-16GF, so every file holds two heads). Published top-1 is the official README / log
-figure (copied from the project's reference sheet). ``sha256`` is filled for files whose digest
-we have verified; for the others the digest of the first download is printed and the user is
-told it was not verified against a pinned value.
+figure (copied from the project's reference sheet).
+
+What is verified, exactly:
+  * A download is written to a temporary file in the cache folder and renamed into place only
+    when it completed; if the server sent a Content-Length, the byte count must match it (a short
+    read raises ``DownloadError`` and the partial file is deleted). Without a Content-Length a
+    truncated transfer is not detectable at this point (it fails later, when the file is read).
+  * ``sha256`` pinned in the registry (``WeightsEntry.sha256``): the file must match it, on every
+    use; a mismatch deletes the file and raises. No entry pins one today: THU-MIG publishes no
+    digests, so we have nothing trustworthy to pin.
+  * Unpinned entries: trust on first use. The first download's sha256 is recorded next to the file
+    in ``<file>.sha256`` (``sha256sum`` format; a file placed there by hand is recorded on its first
+    use). Every later use re-hashes the cached file and compares: on a mismatch (truncated or
+    modified since) the file is deleted and downloaded once more, and the new download must match
+    the recorded digest; if it does not, it is deleted and ``RuntimeError`` says so (delete the
+    ``.sha256`` record to accept the new file). This catches a cache that changed after the first
+    use; it cannot tell whether the first download itself was the file THU-MIG released.
+  * A cached file that cannot be read as a checkpoint: ``create_model(..., pretrained=True)``
+    raises ``CheckpointFormatError`` naming the cache path and telling you to delete it and its
+    ``.sha256`` record (no automatic deletion: the record already vouches for those bytes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from ..utils.files import sha256_of
 
-__all__ = ["WeightsEntry", "WEIGHTS", "get_weights", "list_weights", "download_weights", "OfflineError"]
+__all__ = ["WeightsEntry", "WEIGHTS", "get_weights", "list_weights", "download_weights", "sidecar_path",
+           "OfflineError", "DownloadError"]
 
 _RELEASE = "https://github.com/THU-MIG/RepViT/releases/download/v1.0/"
 
 
 class OfflineError(RuntimeError):
-    pass
+    """The weights could not be fetched (no network, DNS, HTTP error)."""
+
+
+class DownloadError(RuntimeError):
+    """A download arrived incomplete (fewer bytes than the server announced)."""
 
 
 @dataclass(frozen=True)
@@ -89,30 +115,130 @@ def get_weights(variant: str, tag: str | bool | None = True) -> WeightsEntry:
     return WEIGHTS[key]
 
 
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the trust-on-first-use sha256 of a cached weights file is recorded."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _read_sidecar(path: Path) -> str | None:
+    try:
+        digest = path.read_text().split()[0].lower()
+    except (OSError, IndexError):
+        return None
+    return digest if len(digest) == 64 and all(ch in "0123456789abcdef" for ch in digest) else None
+
+
+def _write_sidecar(path: Path, digest: str, name: str) -> None:
+    from ..utils.files import atomic_write_text
+
+    atomic_write_text(path, f"{digest}  {name}\n")
+
+
+def _open_url(url: str) -> BinaryIO:
+    """Open ``url`` for reading (tests replace this); the response has ``.headers`` and ``.read(n)``."""
+    return urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "repvit"}), timeout=60)
+
+
+def _fetch(url: str, dest: Path, progress: bool) -> str:
+    """Download ``url`` to ``dest`` via a temp file in the same folder; returns the sha256 of what was written.
+
+    Raises ``DownloadError`` (temp file deleted, ``dest`` untouched) when fewer or more bytes arrive than the
+    server's Content-Length announced; network errors propagate.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    h, n = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as out, _open_url(url) as resp:
+            length = (resp.headers.get("Content-Length") or "").strip()
+            expected = int(length) if length.isdigit() else None
+            bar = None
+            if progress:
+                try:
+                    from tqdm import tqdm
+                    bar = tqdm(total=expected, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr)
+                except ImportError:
+                    pass
+            try:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
+            out.flush()
+            os.fsync(out.fileno())
+        if expected is not None and n != expected:
+            raise DownloadError(
+                f"incomplete download of {url}: received {n} of {expected} bytes (Content-Length); the partial file "
+                f"was deleted and nothing was written to {dest}. Try again."
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return h.hexdigest()
+
+
+def _download(entry: WeightsEntry, dest: Path, progress: bool) -> str:
+    try:
+        return _fetch(entry.url, dest, progress)
+    except DownloadError:
+        raise
+    except Exception as e:  # URLError, socket errors, HTTP errors
+        raise OfflineError(
+            f"could not download {entry.name} from {entry.url} ({type(e).__name__}: {e}). If this machine is "
+            f"offline, fetch the file elsewhere and place it at {dest}, or pass checkpoint=PATH."
+        ) from e
+
+
 def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Return the local path of ``entry``'s file, downloading it into the torch.hub cache if needed.
 
-    The digest is checked against ``entry.sha256`` when the registry pins one (a mismatch deletes
-    the file and raises). Offline, raises ``OfflineError`` saying where to put the file by hand.
+    Verification (see the module docstring): the byte count against Content-Length; the digest against
+    ``entry.sha256`` when the registry pins one (a mismatch deletes the file and raises), else against the
+    digest recorded at first use in ``<file>.sha256`` (a mismatch deletes the file and downloads it once more;
+    that download must match the record). Offline, raises ``OfflineError`` saying where to put the file by hand.
     """
     cache = Path(cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints"))
     dest = cache / entry.filename
-    if not dest.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(entry.url, str(dest), progress=progress)
-        except Exception as e:  # URLError, socket errors, HTTP errors
-            raise OfflineError(
-                f"could not download {entry.name} from {entry.url} ({type(e).__name__}: {e}). If this machine is "
-                f"offline, fetch the file elsewhere and place it at {dest}, or pass checkpoint=PATH."
-            ) from e
-    digest = sha256_of(dest)
-    if entry.sha256 is not None and digest != entry.sha256:
+    record = sidecar_path(dest)
+    cache.mkdir(parents=True, exist_ok=True)
+    fresh = not dest.exists()
+    digest = _download(entry, dest, progress) if fresh else sha256_of(dest)
+
+    if entry.sha256 is not None:  # pinned in the registry
+        if digest != entry.sha256:
+            dest.unlink()
+            raise RuntimeError(
+                f"checksum mismatch for {entry.name}: expected sha256 {entry.sha256}, got {digest}; the file was "
+                "deleted - download it again"
+            )
+        return dest
+
+    recorded = _read_sidecar(record)
+    if recorded is None:  # first use: trust these bytes and record them
+        _write_sidecar(record, digest, dest.name)
+        how = "downloaded" if fresh else "found in the cache"
+        print(f"note: {dest.name} {how}; sha256={digest} recorded in {record.name}. It is not pinned in the "
+              "registry, so this first copy is trusted as is; later uses are checked against it.", file=sys.stderr)
+        return dest
+    if digest == recorded:
+        return dest
+    if not fresh:  # the cached copy changed since first use (truncated, modified): fetch it once more
         dest.unlink()
-        raise RuntimeError(
-            f"checksum mismatch for {entry.name}: expected sha256 {entry.sha256}, got {digest}; the file was "
-            "deleted - download it again"
-        )
-    if entry.sha256 is None:
-        print(f"note: {dest.name} sha256={digest} (not pinned in the registry, so not verified)", file=sys.stderr)
-    return dest
+        print(f"warning: cached {dest} does not match the sha256 recorded at first use ({recorded}, now {digest}); "
+              "deleted it and downloading it again", file=sys.stderr)
+        digest = _download(entry, dest, progress)
+        if digest == recorded:
+            return dest
+    dest.unlink()
+    raise RuntimeError(
+        f"the download of {entry.name} from {entry.url} has sha256 {digest}, but the copy first used on this machine "
+        f"had {recorded} (recorded in {record}); the new file was deleted. If the release file really changed, "
+        f"delete {record} to trust the new one."
+    )

@@ -24,10 +24,10 @@ import torch
 
 from ..utils.files import atomic_write
 from . import layouts
-from .layouts import CheckpointFormatError, StateInfo
+from .layouts import CheckpointFormatError, CorruptCheckpointError, StateInfo
 
 __all__ = ["ReadCheckpoint", "read_checkpoint", "write_state_dict", "atomic_write", "CheckpointFormatError",
-           "FORMAT_VERSION"]
+           "CorruptCheckpointError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = "1"
 _EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
@@ -73,7 +73,7 @@ def _torch_load(path: str) -> Any:
             ) from e
         reason = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
                        and "PyTorch 2.6" not in ln), type(e).__name__)
-        raise CheckpointFormatError(
+        raise CorruptCheckpointError(
             f"could not read checkpoint {path}: the file is truncated or corrupt ({reason[:200]}). "
             "Download or export it again."
         ) from e
@@ -87,7 +87,7 @@ def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:
-        raise CheckpointFormatError(
+        raise CorruptCheckpointError(
             f"could not read safetensors file {path}: the file is truncated or corrupt ({e}). "
             "Download or export it again."
         ) from e
@@ -118,17 +118,28 @@ def _pick(container: dict[str, Any], use_ema: bool | None, path: str) -> tuple[d
         return container[ema_key], True
     if all(isinstance(v, torch.Tensor) for v in container.values()):
         return container, False  # a bare state dict
+    if ema_key is not None:  # use_ema=False on an EMA-only file
+        raise CheckpointFormatError(
+            f"{path} holds only EMA weights ({ema_key!r}, no 'model'/'state_dict'), but use_ema=False asked for the "
+            "raw weights; pass use_ema=True (or leave use_ema unset) to load the EMA weights"
+        )
     raise CheckpointFormatError(
         f"{path} is a dict without model weights (keys: {sorted(container)[:8]}); expected a state dict or a "
         "training checkpoint with 'model'/'model_ema' or 'state_dict'/'state_dict_ema'"
     )
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DDP / torch.compile wrappers prefix every key
-    for p in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(p) for k in sd):
-            sd = {k[len(p):]: v for k, v in sd.items()}
+    # DDP / torch.compile wrappers prefix every key, in any nesting order (torch.compile(DDP(model)) saves
+    # '_orig_mod.module.', DDP(torch.compile(model)) 'module._orig_mod.'): strip until none is left
+    while sd:
+        p = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if p is None:
+            break
+        sd = {k[len(p):]: v for k, v in sd.items()}
     return sd
 
 
@@ -138,7 +149,7 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool | None = None) -> 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
-        raise CheckpointFormatError(f"checkpoint {path} is empty (0 bytes); download or export it again")
+        raise CorruptCheckpointError(f"checkpoint {path} is empty (0 bytes); download or export it again")
     meta: dict[str, str] = {}
     used_ema = False
     if _is_safetensors(path):
@@ -175,7 +186,11 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool | None = None) -> 
             parsed_meta[k] = json.loads(v)
         except (TypeError, ValueError):
             parsed_meta[k] = v
-    return ReadCheckpoint(path, fmt, ours, layouts.analyse_ours(ours), used_ema, parsed_meta)
+    try:
+        state_info = layouts.analyse_ours(ours)
+    except CheckpointFormatError as e:
+        raise CheckpointFormatError(f"{path}: {e}") from e
+    return ReadCheckpoint(path, fmt, ours, state_info, used_ema, parsed_meta)
 
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")  # written with torch.save (no metadata); anything else: safetensors

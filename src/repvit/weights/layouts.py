@@ -34,6 +34,10 @@ class CheckpointFormatError(ValueError):
     """A checkpoint's keys do not fit any known RepViT layout."""
 
 
+class CorruptCheckpointError(CheckpointFormatError):
+    """The file cannot be read at all (empty, truncated, not a valid pickle/safetensors file)."""
+
+
 # --------------------------------------------------------------------------- official <-> ours
 
 _BLOCK_ROW = (("token_mixer.0.", "token_mixer."), ("token_mixer.1.", "se."),
@@ -148,30 +152,46 @@ class StateInfo:
         return f"{' / '.join(names) if names else 'an unknown variant'} ({arch}, {self.form} form)"
 
 
+def _not_repvit(keys: list[str], missing: str) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"the 'stem.*'/'stages.*' keys do not follow the RepViT layout (no {missing!r}; first keys: {keys[:5]}). "
+        "The file probably holds another timm architecture with the same top-level names (ConvNeXt, FastViT, "
+        "EfficientFormer, ...), not RepViT weights"
+    )
+
+
 def analyse_ours(sd: Mapping[str, torch.Tensor]) -> StateInfo:
     keys = list(sd)
     if not any(k.startswith("stem.") for k in keys):
         raise CheckpointFormatError("no 'stem.*' keys: not a RepViT state dict in repvit/timm layout")
     form = "train" if any(k.endswith("running_mean") for k in keys) else "deploy"
+    sfx = "c.weight" if form == "train" else "weight"
+    stem_w = sd.get(f"stem.conv1.{sfx}")
+    if not isinstance(stem_w, torch.Tensor) or stem_w.dim() != 4:
+        raise _not_repvit(keys, f"stem.conv1.{sfx}")
     widths, depths = [], []
     for s in range(4):
         blocks = {int(m.group(1)) for k in keys if (m := re.match(rf"stages\.{s}\.blocks\.(\d+)\.", k))}
         if not blocks:
             break
         depths.append(max(blocks) + 1)
-        w = sd[f"stages.{s}.blocks.0.channel_mixer.conv2.{'c.' if form == 'train' else ''}weight"]
+        key = f"stages.{s}.blocks.0.channel_mixer.conv2.{sfx}"
+        w = sd.get(key)
+        if not isinstance(w, torch.Tensor) or w.dim() != 4:
+            raise _not_repvit(keys, key)
         widths.append(int(w.shape[0]))
+    if not depths:
+        raise _not_repvit(keys, "stages.0.blocks.0.*")
     if form == "train":
         legacy = any(k.endswith("token_mixer.conv1.c.weight") for k in keys)
     else:
         legacy = None
     head_w = sd.get("head.head.l.weight", sd.get("head.head.weight"))
     num_classes = int(head_w.shape[0]) if head_w is not None else 0
-    stem_w = sd.get("stem.conv1.c.weight", sd.get("stem.conv1.weight"))
     return StateInfo(
         widths=tuple(widths), depths=tuple(depths), legacy=legacy, form=form, num_classes=num_classes,
         distillation=any(k.startswith("head.head_dist.") for k in keys),
-        in_chans=int(stem_w.shape[1]) if stem_w is not None else 3,
+        in_chans=int(stem_w.shape[1]),
     )
 
 
