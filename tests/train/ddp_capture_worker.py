@@ -4,6 +4,8 @@
 trains ``tiny_config(key=value ...)`` into OUT_DIR and writes ``OUT_DIR/params_rank{R}.pt`` on every
 rank (the run itself only saves rank 0's state), so a test can check that the ranks stayed in sync, and
 ``OUT_DIR/grads_rank{R}.pt``: the (already all-reduced) gradients handed to each optimizer step.
+A first argument ``--as-if-sync-bn`` makes the loop take its SyncBatchNorm path (skip a micro-step on all ranks
+when one has no data) on CPU, where PyTorch has no SyncBatchNorm kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ def _capture(*args, **kwargs):
 
 
 def main() -> None:
-    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    args = sys.argv[1:]
+    if args[0] == "--as-if-sync-bn":
+        loop._has_sync_bn = lambda model: True
+        args = args[1:]
+    out, overrides = Path(args[0]), args[1:]
     loop.build_student = _capture
     loop.build_optimization = recording_optimization(loop.build_optimization, _grads)
     train(tiny_config(*overrides), out)

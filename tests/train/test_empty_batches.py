@@ -135,6 +135,37 @@ def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path, monkeypatch)
         assert (got - want).norm() <= 1e-4 * want.norm(), (update, float((got - want).norm() / want.norm()))
 
 
+def test_sync_bn_skips_a_micro_step_some_rank_has_no_data_for_on_all_ranks(tmp_path):
+    """With SyncBatchNorm the ranks with data would enter its all_gather while an empty rank goes on to the next
+    all-reduce (a hang); the loop skips such a micro-step on every rank and counts it. Run on CPU through the
+    SyncBN code path (the worker flags the model as holding SyncBatchNorm; PyTorch has no CPU kernel for it).
+
+    Layout (module docstring, chunk = micro-step * 2 + rank): update 0, micro-step 1: rank 1 empty, rank 0's 4
+    images left out; update 1: empty everywhere (an empty update, not a SyncBN skip); update 2, micro-step 0:
+    rank 0 empty, rank 1's 3 readable images left out."""
+    root = _dataset(tmp_path / "ds")
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(Path(__file__).with_name("ddp_capture_worker.py")), "--as-if-sync-bn", str(ddp),
+           f"data.dataset={root}", *SET]
+    try:
+        p = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-process DDP run on the SyncBN path hung (killed after {e.timeout} s)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = _metrics(ddp)
+    assert m["sync_bn_skipped_steps"] == 2 and m["dropped_images"] == 4 + 3
+    assert m["skipped_images"] == 6 * 4 + 1 and m["empty_batches"] == 6 and m["empty_updates"] == 1
+    assert m["step"] == 3 and np.isfinite(m["train_loss"])
+    log = (ddp / "train.log").read_text()
+    assert "with run.sync_bn this micro-step is skipped on all ranks" in log
+    assert "2 micro-step(s) skipped on all ranks" in log
+    g0, g1 = (torch.load(ddp / f"grads_rank{r}.pt") for r in (0, 1))
+    assert len(g0) == len(g1) == 2                       # updates 0 and 2 step (each kept one micro-step)
+    for a, b in zip(g0, g1):
+        assert set(a) == set(b) and all(torch.equal(a[n], b[n]) and torch.isfinite(a[n]).all() for n in a)
+
+
 def test_update_gradient_is_the_mean_over_the_images_read(tmp_path, monkeypatch):
     """The gradient handed to the optimizer equals the gradient of the mean loss over the images actually read
     in that update (recomputed here from the very micro-batches the loop drew). The 1- vs 2-process check above

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,21 @@ def _same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _metrics(run) -> list[dict]:
+    import json
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _same_metrics(ref: list[dict], got: list[dict]) -> None:
+    """Every metric of every epoch equal, timings aside (train_loss bit-for-bit: same losses, same order)."""
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k not in ("epoch_time_s", "train_img_s"):
+                assert a[k] == b[k], (a["epoch"], k, a[k], b[k])
 
 
 def test_crash_after_checkpoint_then_resume_is_exact(tmp_path, monkeypatch):
@@ -46,10 +62,11 @@ def test_crash_after_checkpoint_then_resume_is_exact(tmp_path, monkeypatch):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 1, "train_lo')
     (run / ".last.pt.abc123.tmp").write_bytes(b"partial")
+    assert load_state(run)["epoch_acc"][0]["seen"] > 0      # the interrupted epoch's accumulators are saved
     train(None, resume=run)
     assert not list(run.glob(".*.tmp"))
-    import json
-    assert [json.loads(ln)["epoch"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert [m["epoch"] for m in _metrics(run)] == [0, 1]
+    _same_metrics(_metrics(ref), _metrics(run))                # the resumed epoch counts its first part too
     a, b = load_state(ref), load_state(run)
     assert a["step"] == b["step"] == 6
     _same(a["model"], b["model"])
@@ -91,8 +108,9 @@ def test_kill_and_resume_ends_with_identical_weights(tmp_path):
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for k in a["optimizer"]["state"]:
         _same(a["optimizer"]["state"][k], b["optimizer"]["state"][k])
-    epochs = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    epochs = _metrics(run)
     assert len(epochs) == 2   # no duplicated epoch lines after the resume
+    _same_metrics(_metrics(ref), epochs)   # the resumed epoch's train_loss and counts cover the whole epoch
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -141,3 +159,153 @@ def test_a_step_that_overflows_the_weights_stops_before_any_checkpoint(tmp_path,
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
+
+
+# ---- resume records: --set on --resume, best.safetensors vs. the checkpoint's best, RNG of new ranks
+
+TWO_EPOCHS = ["schedule.epochs=2", "run.max_steps_per_epoch=2", "run.keep_last=2", "run.seed=5"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-epoch run (checkpoint-epoch0001.pt and 0002.pt kept); tests work on copies of it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    res = train(tiny_config(*TWO_EPOCHS), run)
+    from repvit.train.loop import _read_best_record
+    rec = _read_best_record(run / "best.safetensors")     # the best file describes its own weights
+    assert rec is not None and (rec["top1"], rec["epoch"] + 1, rec["source"]) == (
+        res.best_top1, res.best_epoch, res.best_source)
+    return run
+
+
+def _copy(run, dst):
+    import shutil
+    return Path(shutil.copytree(run, dst))
+
+
+def _cli(capsys, *args):
+    from repvit.cli import main
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_resume_accepts_only_the_allowed_set_keys_and_records_them(finished_run, tmp_path, capsys, monkeypatch):
+    import types
+
+    import yaml
+
+    from repvit.train.config import RESUME_OVERRIDABLE
+    run = _copy(finished_run, tmp_path / "run")
+    ckpt = run / "checkpoint-epoch0001.pt"
+    rc, _, err = _cli(capsys, "train", "--resume", str(ckpt), "--set", "optim.base_lr=1e-4", "--set", "run.amp=bf16")
+    assert rc == 2 and "optim.base_lr" in err and "run.amp," not in err.split("Allowed")[0]
+    assert all(k in err for k in RESUME_OVERRIDABLE) and "model.pretrained=" in err    # the list, and what instead
+    with pytest.raises(ValueError, match="Allowed with --resume"):
+        train(None, resume=ckpt, overrides=["run.seed=1"])
+    assert load_state(run)["step"] == 4                  # nothing ran
+
+    writers = []
+
+    class Writer:                                        # TensorBoard, turned on mid-run: records its arguments
+        def __init__(self, *a, **kw):
+            writers.append(kw)
+
+        def add_scalar(self, *a, **kw):
+            pass
+
+        def close(self):
+            pass
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    rc, _, err = _cli(capsys, "train", "--resume", str(ckpt), "--set", "optim.clip_grad=0.5", "--set", "run.keep_last=1",
+                      "--set", "run.tensorboard=true")
+    assert rc == 0, err
+    assert writers == [{"purge_step": 1}]                 # epoch 2 (step 1) is redone: its old scalars go
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["optim"]["clip_grad"] == 0.5 and cfg["run"]["keep_last"] == 1 and cfg["run"]["seed"] == 5
+    st = load_state(run)
+    assert st["step"] == 4 and st["config"]["optim"]["clip_grad"] == 0.5      # later resumes keep the change
+    assert sorted(p.name for p in run.glob("checkpoint-epoch*.pt")) == ["checkpoint-epoch0002.pt"]   # keep_last=1
+    log = (run / "train.log").read_text()
+    assert "resume overrides: optim.clip_grad=0.5 (was 5.0); run.keep_last=1 (was 2); run.tensorboard=True (was False)" in log
+    assert f"resumed from {ckpt}: epoch 2/2, micro-batch 0, after update 2" in log
+
+
+def test_summary_describes_the_best_file_on_disk_after_resume(finished_run, tmp_path):
+    """A best.safetensors the resumed checkpoint does not know about (killed between the best file and last.pt,
+    or resumed from an older checkpoint-epochNNNN.pt): its own record wins, in the run and in the summary."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    run = _copy(finished_run, tmp_path / "run")
+    best = run / "best.safetensors"
+    with safe_open(str(best), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["train_best"] = json.dumps({"epoch": 1, "top1": 100.0, "source": "ema"})   # unbeatable: never replaced
+    save_file(tensors, str(best), metadata=meta)
+    before = best.read_bytes()
+    res = train(None, resume=run / "checkpoint-epoch0001.pt")     # its state["best"] is epoch 1's
+    assert (res.best_top1, res.best_epoch, res.best_source) == (100.0, 2, "ema")
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["best_top1"], s["best_epoch"], s["best_source"]) == (100.0, 2, "ema")
+    assert load_state(run)["best"] == {"top1": 100.0, "epoch": 1, "source": "ema"}
+    assert best.read_bytes() == before
+    assert "best.safetensors holds the ema weights of epoch 2 (top-1 100.00)" in (run / "train.log").read_text()
+
+
+def test_a_rank_without_saved_rng_gets_its_own_stream():
+    """Resuming with more processes: a new rank must not replay rank 0's random stream."""
+    from repvit.train.checkpoint import capture_rng
+    from repvit.train.loop import _restore_rank_rng
+    torch.manual_seed(123)
+    saved = [capture_rng()]
+
+    def draw(rank, seed=0, step=7):
+        restored = _restore_rank_rng(saved, rank, seed, step)
+        return restored, torch.rand(4)
+    ok0, r0 = draw(0)
+    ok1, r1 = draw(1)
+    ok2, r2 = draw(2)
+    assert ok0 and not ok1 and not ok2
+    assert not torch.equal(r0, r1) and not torch.equal(r1, r2) and not torch.equal(r0, r2)
+    assert torch.equal(draw(1)[1], r1)                  # deterministic: the same seed, rank and step
+    assert not torch.equal(draw(1, step=8)[1], r1)      # ... and tied to the resume position
+
+
+def test_non_finite_weights_on_another_rank_stop_this_one_too(tmp_path, monkeypatch):
+    """BatchNorm buffers differ per rank: the not-finite flag is all-reduced, so a rank whose own weights are
+    finite stops with the rank that overflowed instead of waiting for it in the next collective."""
+    import repvit.train.loop as loop
+    from repvit.train.dist import DistInfo
+    calls = []
+
+    def other_rank_bad(t):
+        calls.append(t.clone())
+        return t.add_(1.0)                               # the other rank reports a non-finite tensor
+    monkeypatch.setattr(loop, "all_reduce_sum", other_rank_bad)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    di = DistInfo(rank=1, world_size=2)
+    with pytest.raises(NonFiniteLossError, match="update 3 on another rank"):
+        loop._check_finite_weights(model, di, 0, 3, tmp_path, torch.device("cpu"))
+    assert len(calls) == 1 and calls[0].item() == 0.0   # this rank joined the reduction with "finite"
+    model[1].running_var.fill_(float("inf"))
+    monkeypatch.setattr(loop, "all_reduce_sum", lambda t: t)
+    with pytest.raises(NonFiniteLossError, match=r"update 3 \(its loss"):
+        loop._check_finite_weights(model, di, 0, 3, tmp_path, torch.device("cpu"))
+
+
+def test_rotate_replaces_atomically_also_when_hard_links_fail(tmp_path, monkeypatch):
+    import os
+
+    from repvit.train.checkpoint import rotate
+    (tmp_path / "last.pt").write_bytes(b"new")
+    (tmp_path / "checkpoint-epoch0003.pt").write_bytes(b"old")
+    (tmp_path / "checkpoint-epoch0001.pt").write_bytes(b"oldest")
+
+    def no_links(*a):
+        raise OSError("no hard links here")
+    monkeypatch.setattr(os, "link", no_links)
+    rotate(tmp_path, 3, keep_last=1)
+    assert (tmp_path / "checkpoint-epoch0003.pt").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch0003.pt", "last.pt"]   # no temp left

@@ -82,12 +82,16 @@ def rotate(run_dir: Path, epoch: int, keep_last: int) -> None:
     if keep_last <= 0:
         return
     src, dst = run_dir / "last.pt", run_dir / f"checkpoint-epoch{epoch:04d}.pt"
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+
+    def place(tmp: str) -> None:
+        # link (or copy) under a temporary name that atomic_write then renames over dst: a kill at any moment
+        # leaves the old dst or the complete new one, never a missing or half-copied file
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+    atomic_write(dst, place)
     olds = sorted(run_dir.glob("checkpoint-epoch*.pt"))
     for old in olds[:-keep_last]:
         old.unlink(missing_ok=True)

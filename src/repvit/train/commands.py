@@ -11,6 +11,7 @@ __all__ = ["register", "resolve_train_config"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .config import RESUME_OVERRIDABLE
     p = sub.add_parser("train", help="train a RepViT (default: a few-minute run on Fashion-MNIST)",
                        description="Train with a shipped recipe or a YAML file. With no arguments: a real, "
                                    "few-minute training on Fashion-MNIST that ends with a fused deploy model.")
@@ -21,9 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
     p.add_argument("--epochs", type=int, help="override schedule.epochs")
     p.add_argument("--seed", type=int, help="override run.seed")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (or from a given "
+                                                       "checkpoint file in it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set optim.base_lr=5e-4 (repeatable)")
+                   help="override any config value, e.g. --set optim.base_lr=5e-4 (repeatable); with --resume "
+                        "only these: " + ", ".join(RESUME_OVERRIDABLE))
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--list-recipes", action="store_true", help="list shipped recipes and exit")
     p.set_defaults(func=_train)
@@ -76,14 +79,16 @@ def _train(args: argparse.Namespace) -> int:
         print("\n".join(list_recipes()))
         return 0
     if args.resume:
-        given = [flag for flag, v in (("--recipe", args.recipe), ("--data", args.data), ("--set", args.overrides),
+        given = [flag for flag, v in (("--recipe", args.recipe), ("--data", args.data),
                                       ("--dry-run", args.dry_run), ("--epochs", args.epochs is not None),
                                       ("--seed", args.seed is not None), ("--out", args.out)) if v]
         if given:
             raise ValueError(f"--resume continues a run with its saved config and directory; drop {', '.join(given)} "
                              "(to train longer, start a new run from the result with --set model.pretrained=...)")
+        from .config import check_resume_overrides
         from .loop import train
-        res = train(None, resume=args.resume)  # type: ignore[arg-type]
+        check_resume_overrides(args.overrides)     # --set: only keys that may change mid-run (error lists them)
+        res = train(None, resume=args.resume, overrides=args.overrides)  # type: ignore[arg-type]
         _print_summary(res)
         return 0
     cfg = resolve_train_config(args)

@@ -20,6 +20,7 @@ import yaml
 __all__ = [
     "ModelConfig", "DataConfig", "AugConfig", "OptimConfig", "ScheduleConfig", "EMAConfig", "DistillConfig",
     "RunConfig", "TrainConfig", "config_from_dict", "config_to_dict", "apply_overrides", "dump_yaml", "load_yaml",
+    "RESUME_OVERRIDABLE", "check_resume_overrides",
 ]
 
 # Official values: RepViT reference sheet (paper arXiv 2307.09283 / official repo), training_recipe_official.
@@ -319,3 +320,26 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except yaml.YAMLError as e:
         raise ValueError(f"recipe {p} is not valid YAML: {e}") from e
     return data or {}
+
+
+# config keys that ``--resume`` may change with ``--set``: none of them alters the model, the data order, the
+# optimizer/scheduler state or the schedule's horizon. The learning rate is deliberately absent: the restored
+# optimizer and scheduler carry the old peak lr (timm's base_values), so a new lr would be overwritten or would
+# jump the cosine mid-run; to lower it, start a new run from the last good weights (see _stop_advice).
+RESUME_OVERRIDABLE = ("optim.clip_grad", "optim.clip_mode", "run.amp", "run.progress", "run.tensorboard",
+                      "run.keep_last", "run.checkpoint_every_steps", "run.threads")
+
+
+def check_resume_overrides(overrides: list[str] | None) -> list[str]:
+    """The ``key=value`` items ``--resume`` accepts (keys in RESUME_OVERRIDABLE); a ValueError names the rest."""
+    bad = []
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or key not in RESUME_OVERRIDABLE:
+            bad.append(key if "=" in item else item)
+    if bad:
+        raise ValueError(f"--resume continues a run with its saved config; --set {', '.join(bad)} cannot change "
+                         f"mid-run. Allowed with --resume: {', '.join(RESUME_OVERRIDABLE)}. For anything else "
+                         "(e.g. a lower optim.base_lr) start a new run from the last good weights with "
+                         "--set model.pretrained=RUN_DIR/last.pt")
+    return list(overrides or [])

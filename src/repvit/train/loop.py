@@ -49,7 +49,7 @@ from .checkpoint import (
     restore_rng,
     rotate,
 )
-from .config import TrainConfig, config_from_dict, config_to_dict, dump_yaml
+from .config import TrainConfig, check_resume_overrides, config_from_dict, config_to_dict, dump_yaml
 from .dist import DistInfo, all_reduce_sum, average_gradients, cleanup, init_distributed
 from .distill import (
     DistillationLoss,
@@ -179,25 +179,43 @@ def build_optimization(cfg: TrainConfig, model: nn.Module, *, world_size: int, u
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
-          log_fn: Callable[[str], None] | None = None) -> TrainResult:
-    """Train as ``cfg`` says, writing the run to ``out_dir`` (or continuing ``resume``)."""
+          log_fn: Callable[[str], None] | None = None, overrides: list[str] | None = None) -> TrainResult:
+    """Train as ``cfg`` says, writing the run to ``out_dir`` (or continuing ``resume``).
+
+    ``overrides`` (``key=value``, only with ``resume``) change keys of RESUME_OVERRIDABLE in the saved config;
+    the change is logged, and recorded in config.yaml and in the following checkpoints."""
     t_start = time.perf_counter()
     state = None
+    changes: list[str] = []
+    resumed_from = None
+    if overrides and resume is None:
+        raise ValueError("train(overrides=...) is for resume; apply --set values to cfg for a new run")
     if resume is not None:
+        overrides = check_resume_overrides(overrides)       # before loading: a wrong key fails fast
+        resumed_from = Path(resume) / "last.pt" if Path(resume).is_dir() else Path(resume)
         state = load_train_state(resume)
         cfg = config_from_dict(state["config"])
+        if overrides:
+            from .config import apply_overrides
+            old = config_to_dict(cfg)
+            cfg = apply_overrides(cfg, overrides)
+            new = config_to_dict(cfg)
+            for item in overrides:
+                sec, key = item.split("=", 1)[0].strip().split(".")
+                changes.append(f"{sec}.{key}={new[sec][key]!r} (was {old[sec][key]!r})")
         out_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     if out_dir is None:
         raise ValueError("train() needs out_dir (or resume)")
     run_dir = Path(out_dir)
     di = init_distributed(cfg.run.device)
     try:
-        return _train(cfg, run_dir, state, di, log_fn, t_start)
+        return _train(cfg, run_dir, state, di, log_fn, t_start, resumed_from=resumed_from, changes=changes)
     finally:
         cleanup()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, log_fn, t_start: float) -> TrainResult:
+def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, log_fn, t_start: float, *,
+           resumed_from: Path | None = None, changes: list[str] | None = None) -> TrainResult:
     if di.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # a run killed mid-save leaves its checkpoint-sized temp file behind (atomic_write's .NAME.*.tmp); one
@@ -219,8 +237,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         log(note)
     num_classes = cfg.model.num_classes or bundle.num_classes
     in_chans = cfg.model.in_chans or bundle.in_chans
-    if di.is_main and state is None:
+    if di.is_main and (state is None or changes):
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    if changes:
+        log(f"resume overrides: {'; '.join(changes)}")
 
     # ---- model, teacher, EMA
     # on resume the weights come from last.pt: the fine-tune source need not exist any more
@@ -235,6 +255,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             log("note: run.sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); using per-process BN")
+    # SyncBatchNorm runs collectives in its forward (all_gather) and backward (all_reduce): every rank must run
+    # the model on every micro-step, or skip it together (see the micro-step loop)
+    collective_bn = _has_sync_bn(model)
     if cfg.run.channels_last:
         model.to(memory_format=torch.channels_last)
     raw_model = model
@@ -277,6 +300,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     # ---- resume
     start_epoch, start_micro, step = 0, 0, 0
     best = {"top1": -1.0, "epoch": -1, "source": "raw"}
+    resumed_acc: dict | None = None             # the interrupted epoch's accumulators (mid-epoch checkpoints)
     if state is not None:
         raw_model.load_state_dict(state["model"])
         if ema is not None and state.get("ema") is not None:
@@ -293,12 +317,17 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             start_micro = start_micro // cfg.accum_steps(old_world) * accum
             log(f"note: resuming a {old_world}-process run with {world} process(es); the global batch and lr "
                 "stay the same, the RNG streams of the interrupted epoch do not")
-        best = dict(state.get("best", best))
-        rngs = state["rng"]
-        restore_rng(rngs[di.rank] if di.rank < len(rngs) else rngs[0])
+        best = _reconcile_best(dict(state.get("best", best)), run_dir / "best.safetensors", log)
+        _restore_rank_rng(state["rng"], di.rank, cfg.run.seed, step)
+        if world > len(state["rng"]):
+            log(f"note: rank(s) {len(state['rng'])}..{world - 1} had no saved RNG state; each is seeded from run.seed, "
+                f"its rank and update {step}")
+        if start_micro > 0 and state.get("epoch_acc"):
+            resumed_acc = _rank_accumulators(state["epoch_acc"], di.rank, same_world=old_world == world)
         if di.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
-        log(f"resumed from {run_dir / 'last.pt'}: epoch {start_epoch}, micro-batch {start_micro}, update {step}")
+        log(f"resumed from {resumed_from or run_dir / 'last.pt'}: epoch {start_epoch + 1}/{cfg.schedule.epochs}, "
+            f"micro-batch {start_micro}, after update {step}")
     scheduler.step_update(step)
 
     if di.distributed:
@@ -336,38 +365,46 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install 'repvit[train]'") from e
-        tb = SummaryWriter(str(run_dir / "tb"))
+        # scalars are logged at step = epoch (0-based): on resume, drop those of the epochs that are redone
+        tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch if state is not None else None)
 
     log(f"training {cfg.model.name} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
         f"{num_classes} classes, {in_chans}x{bundle.img_size}x{bundle.img_size}; global batch {global_batch} "
         f"= {world} process(es) x {cfg.run.batch_size} x {accum} accumulation; lr {lr:.3g}; "
         f"{updates_per_epoch} updates/epoch; device {device}, amp {amp}")
 
-    def save_last(epoch: int, micro: int) -> None:
-        rngs = [capture_rng()]
+    def save_last(epoch: int, micro: int, acc: dict | None = None) -> None:
+        """``acc``: this rank's accumulators of the epoch so far (mid-epoch checkpoints), so that the resumed
+        epoch's metrics cover the whole epoch."""
+        mine = {"rng": capture_rng(), "acc": acc}
+        per_rank = [mine]
         if di.distributed:
             import torch.distributed as tdist
             gathered: list[Any] = [None] * world
-            tdist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+            tdist.all_gather_object(gathered, mine)
+            per_rank = gathered
         if not di.is_main:
             return
         atomic_torch_save({
             "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch, "micro": micro, "step": step, "rng": rngs, "best": best,
+            "epoch": epoch, "micro": micro, "step": step, "rng": [r["rng"] for r in per_rank], "best": best,
+            "epoch_acc": [r["acc"] for r in per_rank] if acc is not None else None,
             "config": config_to_dict(cfg), "world_size": world,
             "data_info": {"num_classes": num_classes, "in_chans": in_chans, "preprocessing": bundle.preprocessing},
         }, run_dir / "last.pt")
 
-    def save_best(which: nn.Module) -> None:
+    def save_best(which: nn.Module, record: dict) -> None:
         if di.is_main:
             m = copy.deepcopy(which).float().cpu().to(memory_format=torch.contiguous_format)
             m.preprocessing = bundle.preprocessing
             if distill:
                 m.set_distilled_training(False)
-            repvit.save_checkpoint(m, run_dir / "best.safetensors", preprocessing=bundle.preprocessing)
+            # the file carries its own record (epoch, top-1, raw/EMA): a kill before last.pt records the new best,
+            # or a resume from an older checkpoint, cannot make the summary describe other weights (_reconcile_best)
+            repvit.save_checkpoint(m, run_dir / "best.safetensors", preprocessing=bundle.preprocessing,
+                                   metadata={BEST_META_KEY: dict(record)})
 
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.schedule.epochs):
@@ -382,9 +419,17 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         train_model.train()
         loss_sum, loss_n, skipped, dropped, seen = 0.0, 0, 0, 0, 0   # skipped: unreadable; dropped: readable
         empty_batches, empty_updates = 0, 0       # micro-batches of this rank with no readable image; updates (global)
+        bn_skips = 0                              # micro-steps skipped on all ranks for SyncBatchNorm (global)
+        elapsed = 0.0                             # training time of this epoch before a resume
+        if epoch == start_epoch and resumed_acc is not None:
+            loss_sum, loss_n, skipped, dropped, seen = (resumed_acc[k] for k in
+                                                        ("loss_sum", "loss_n", "skipped", "dropped", "seen"))
+            empty_batches, empty_updates, bn_skips, elapsed = (resumed_acc[k] for k in
+                                                               ("empty_batches", "empty_updates", "bn_skips",
+                                                                "elapsed"))
         micro_batch = sampler.micro_batch
         upd_real, ddp_synced = 0, False           # real samples of the current update (all ranks); last sync by DDP
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - elapsed
         bar = None
         if di.is_main and cfg.run.progress:
             from tqdm import tqdm
@@ -416,6 +461,19 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                 n_total, any_empty = int(cnt[0].item()), cnt[1].item() > 0
             else:
                 n_total, any_empty = n_local, n_local == 0
+            if collective_bn and any_empty and n_total > 0:
+                # SyncBatchNorm: the ranks with data would all_gather in the forward and all_reduce in the backward,
+                # which the empty ranks never join -> hang. Skip this micro-step on every rank (all know any_empty)
+                # and count the readable images it held as dropped. Chosen over feeding the empty ranks a zero-size
+                # batch: that path would need every module (mixup, teacher, loss, compiled graph) to accept an empty
+                # batch and the empty ranks to run a matching backward; a skip runs no collective at all.
+                bn_skips += 1
+                dropped += n_local
+                if di.is_main and bn_skips == 1:
+                    log(f"note: epoch {epoch + 1}, update {step + 1}: some rank has no readable image in micro-batch "
+                        f"{micro}; with run.sync_bn this micro-step is skipped on all ranks ({n_total} readable "
+                        "image(s) left out, counted as dropped)")
+                n_total = 0
             upd_real += n_total
             if n_total > 0:
                 # DDP path only when every rank has data; otherwise the plain module, gradients averaged by hand
@@ -474,13 +532,16 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                 if upd_real > 0:
                     # a finite loss can still take a step that overflows the weights; catch it here, before the
                     # EMA or a checkpoint takes them in (same weights on every rank, so every rank stops together)
-                    _check_finite_weights(raw_model, epoch, step, run_dir)
+                    _check_finite_weights(raw_model, di, epoch, step, run_dir, device)
                 if ema is not None:
                     ema.update(raw_model, step=step)
                 scheduler.step_update(step)
                 every = cfg.run.checkpoint_every_steps
                 if every and step % every == 0 and micro + 1 < len(sampler):
-                    save_last(epoch, micro + 1)
+                    save_last(epoch, micro + 1, acc={
+                        "loss_sum": loss_sum, "loss_n": loss_n, "skipped": skipped, "dropped": dropped,
+                        "seen": seen, "empty_batches": empty_batches, "empty_updates": empty_updates,
+                        "bn_skips": bn_skips, "elapsed": time.perf_counter() - t0})
             if bar is not None:
                 dt = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -514,12 +575,12 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         src, res, mod = max(cand, key=lambda c: c[1]["top1"])
         if res["top1"] > best["top1"]:
             best = {"top1": res["top1"], "epoch": epoch, "source": src}
-            save_best(mod)
+            save_best(mod, best)
         rec = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"],
                "epoch_time_s": epoch_time, "train_img_s": tot[3].item() / max(epoch_time, 1e-9),
                "skipped_images": n_skipped, "dropped_images": n_dropped, "empty_batches": n_empty,
-               "empty_updates": empty_updates}
+               "empty_updates": empty_updates, "sync_bn_skipped_steps": bn_skips}
         if ev_ema is not None:
             rec.update(ema_val_top1=ev_ema["top1"], ema_val_top5=ev_ema["top5"], ema_val_loss=ev_ema["loss"])
         if di.is_main:
@@ -536,6 +597,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         if n_empty:
             skip_txt += (f" ({n_empty} empty micro-batch(es) skipped"
                          + (f", {empty_updates} update(s) without data" if empty_updates else "") + ")")
+        if bn_skips:
+            skip_txt += (f", {bn_skips} micro-step(s) skipped on all ranks (a rank had no readable image; "
+                         "run.sync_bn needs every rank in each forward)")
         log(f"epoch {epoch + 1}/{cfg.schedule.epochs}: train loss {train_loss:.4f}, val top1 {ev['top1']:.2f} "
             f"top5 {ev['top5']:.2f}{ema_txt}, {rec['train_img_s']:.0f} img/s, {epoch_time:.0f}s{skip_txt}")
         save_last(epoch + 1, 0)
@@ -544,7 +608,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     if tb is not None:
         tb.close()
 
-    # ---- final: best weights in train and deploy form
+    # ---- final: best weights in train and deploy form; the summary describes the file on disk
+    if di.is_main:
+        best = _reconcile_best(best, run_dir / "best.safetensors", log)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "best_top1": best["top1"], "best_source": best["source"],
                                "best_epoch": best["epoch"] + 1, "epochs": cfg.schedule.epochs}
     deploy_top1 = None
@@ -575,23 +641,107 @@ def _no_pretrained(cfg: TrainConfig) -> TrainConfig:
     return c
 
 
-def _check_finite_weights(model: nn.Module, epoch: int, step: int, run_dir: Path) -> None:
-    """Stop when update ``step`` left a NaN/inf in the weights or the BatchNorm statistics (one reduction).
+BEST_META_KEY = "train_best"     # best.safetensors metadata: {"epoch" (0-based), "top1", "source"} of its weights
+
+
+def _has_sync_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+def _read_best_record(path: Path) -> dict | None:
+    """The record save_best wrote into ``path`` (None: no file, or one from before records were written)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(BEST_META_KEY)
+        rec = json.loads(raw) if raw else None
+        return {"top1": float(rec["top1"]), "epoch": int(rec["epoch"]), "source": str(rec["source"])} if rec else None
+    except Exception:  # noqa: BLE001 - unreadable record: keep what the checkpoint says
+        return None
+
+
+def _reconcile_best(best: dict, path: Path, log: Callable[[str], None]) -> dict:
+    """The best-so-far record that describes the weights in ``path``.
+
+    best.safetensors is written before last.pt records the new best, so a kill in between, or a resume from an
+    older checkpoint-epochNNNN.pt, leaves a file the checkpoint's record does not describe: adopt the file's."""
+    rec = _read_best_record(path)
+    if rec is not None and (rec["epoch"], rec["source"], rec["top1"]) != (best["epoch"], best["source"], best["top1"]):
+        log(f"note: {path.name} holds the {rec['source']} weights of epoch {rec['epoch'] + 1} (top-1 "
+            f"{rec['top1']:.2f}), not what the checkpoint recorded (epoch {best['epoch'] + 1}, top-1 "
+            f"{best['top1']:.2f}); using the file's record")
+        return rec
+    if rec is None and best["epoch"] >= 0 and not path.is_file():
+        log(f"note: the checkpoint records a best epoch {best['epoch'] + 1} but {path.name} is missing; that "
+            "record is dropped (a later epoch that is evaluated writes a new best file)")
+        return {"top1": -1.0, "epoch": -1, "source": "raw"}
+    return best
+
+
+def _restore_rank_rng(rngs: list, rank: int, seed: int, step: int) -> bool:
+    """Restore this rank's saved RNG states; a rank the saved run did not have (resumed with more processes) is
+    seeded from (seed, rank, step) instead of replaying another rank's stream. False when seeded."""
+    if rank < len(rngs):
+        restore_rng(rngs[rank])
+        return True
+    _seed_all(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+    return False
+
+
+_SUMMED_ACC = ("loss_sum", "loss_n", "skipped", "dropped", "seen", "empty_batches")   # all-reduced at epoch end
+_GLOBAL_ACC = ("empty_updates", "bn_skips", "elapsed")                              # same on every rank
+
+
+def _rank_accumulators(saved: list, rank: int, *, same_world: bool) -> dict:
+    """This rank's share of the interrupted epoch's accumulators. With another number of processes the summed
+    ones go to rank 0 (only their all-reduced totals are reported); the global ones are rank 0's."""
+    saved = [a or {} for a in saved]
+    zero = {k: 0.0 if k in ("loss_sum", "elapsed") else 0 for k in (*_SUMMED_ACC, *_GLOBAL_ACC)}
+    if same_world:
+        mine = saved[rank] if rank < len(saved) else {}
+    elif rank == 0:
+        mine = {k: sum(a.get(k, 0) for a in saved) for k in _SUMMED_ACC}
+    else:
+        mine = {}
+    out = {**zero, **{k: mine[k] for k in _SUMMED_ACC if k in mine}}
+    out.update({k: saved[0].get(k, zero[k]) for k in _GLOBAL_ACC} if saved else {})
+    return out
+
+
+def _check_finite_weights(model: nn.Module, di: DistInfo, epoch: int, step: int, run_dir: Path,
+                          device: torch.device) -> None:
+    """Stop every rank together when update ``step`` left a NaN/inf in the weights or the BatchNorm statistics
+    of any rank (one reduction, then one all-reduce of the flag).
 
     In training mode BatchNorm normalises with the batch's own variance, so an overflowed ``running_var`` (inf)
-    still gives a finite loss; it only shows in eval mode, and in a checkpoint."""
+    still gives a finite loss; it only shows in eval mode, and in a checkpoint. The parameters agree across
+    ranks, but the BatchNorm buffers are per rank (without SyncBN): the flag is all-reduced so that no rank
+    raises while the others wait in the next collective."""
     tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    if tensors and not bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+    ok = not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+    bad = torch.tensor([0.0 if ok else 1.0], device=device)
+    if di.distributed:
+        all_reduce_sum(bad)
+    if bad.item() > 0:
+        where = "" if not ok else " on another rank"
         raise NonFiniteLossError(
-            f"non-finite weights after epoch {epoch + 1}, update {step} (its loss was finite; the step or the "
-            f"BatchNorm statistics overflowed); {_stop_advice(run_dir)}")
+            f"non-finite weights after epoch {epoch + 1}, update {step}{where} (its loss was finite; the step or "
+            f"the BatchNorm statistics overflowed); {_stop_advice(run_dir)}")
 
 
 def _stop_advice(run_dir: Path) -> str:
-    """The tail of every non-finite stop message: what is kept, and what to try."""
+    """The tail of every non-finite stop message: what is kept, and what to try (both paths are followable:
+    --resume accepts these --set keys, and a new run can start from the last good weights)."""
     last = run_dir / "last.pt"
-    where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint had been written yet"
-    return f"stopping. {where}. Lower optim.base_lr, keep clipping on, or try run.amp=bf16/none, then --resume."
+    if not last.exists():
+        return ("stopping. no checkpoint had been written yet. Start again with a lower optim.base_lr, clipping on "
+                "(optim.clip_mode), or run.amp=bf16/none.")
+    return (f"stopping. last good checkpoint: {last}. Either continue it with other numerics: repvit train "
+            f"--resume {run_dir} --set run.amp=bf16 (or none) / --set optim.clip_mode=agc --set optim.clip_grad=... "
+            f"(the lr cannot change on --resume: the restored scheduler holds it); or, for a lower lr, start a new "
+            f"run from these weights: --set model.pretrained={last} --set optim.base_lr=... (the schedule restarts).")
 
 
 def _check_finite(loss: torch.Tensor | None, di: DistInfo, epoch: int, step: int, micro: int, run_dir: Path,
