@@ -169,3 +169,64 @@ def test_tar_layout_through_the_one_format_option(tmp_path):
     (root / "val.tar").unlink()
     with pytest.raises(FileNotFoundError, match="no val.tar"):
         build_data(DataConfig(dataset=str(root), format="tar"), AugConfig())
+
+
+def _tar_of_pngs(path: Path, images: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as t:
+        for name, data in images.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+def _solid_png(value: int, size: int = 12) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tar_corrupt_image_is_skipped_and_counted_not_replaced_by_its_neighbour(tmp_path):
+    """timm's ImageDataset answers a corrupt image with the next index's sample; ours returns None (counted)."""
+    import torch
+    from torch import nn
+
+    from repvit.data import skip_none_collate
+    from repvit.train.evaluate import evaluate
+    values = {f"{c}/{i}.png": 40 * k + 10 * i for k, c in enumerate(("a", "b", "c")) for i in range(2)}
+    images = {name: _solid_png(v) for name, v in values.items()}
+    images["b/0.png"] = images["b/0.png"][:len(images["b/0.png"]) // 2]        # truncated: cannot be decoded
+    root = tmp_path / "tars"
+    root.mkdir()
+    _tar_of_pngs(root / "val.tar", images)
+    b = build_data(DataConfig(dataset=str(root), format="tar", img_size=8, eval_crop="timm"), AugConfig(),
+                   train=False)
+    items = [b.val[i] for i in range(len(b.val))]
+    assert len(items) == 6 and sum(it is None for it in items) == 1
+    bad = next(i for i, it in enumerate(items) if it is None)
+    assert b.val.reader.filename(bad) == "b/0.png" and b.val.targets[bad] == 1
+    good = [it for it in items if it is not None]
+    # every readable image once: no sample duplicated in place of the corrupt one
+    firsts = sorted(round(float(x[0, 0, 0]), 4) for x, _ in good)
+    assert len(set(firsts)) == 5
+    assert sorted(y for _, y in good) == [0, 0, 1, 2, 2]
+    assert skip_none_collate(items)[-1] == 1
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    r = evaluate(model, b.val, device=torch.device("cpu"), batch_size=4)
+    assert r["n"] == 5 and r["skipped"] == 1
+
+
+def test_auto_format_looks_at_the_requested_split(tmp_path):
+    """An evaluation-only folder holding just val.tar is tar data, not a class folder without val/."""
+    root = tmp_path / "evalonly"
+    root.mkdir()
+    _tar_of_pngs(root / "val.tar", {f"{c}/{i}.png": _solid_png(30 * i + 1) for c in ("a", "b") for i in range(2)})
+    b = build_data(DataConfig(dataset=str(root), img_size=8), AugConfig(), train=False)
+    assert len(b.val) == 4 and b.num_classes == 2 and sorted(b.val.targets) == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="no 'test/' folder"):             # a split the folder does not have
+        build_data(DataConfig(dataset=str(root), img_size=8, val_split="test"), AugConfig(), train=False)
+    (root / "test.tar").write_bytes((root / "val.tar").read_bytes())
+    assert len(build_data(DataConfig(dataset=str(root), img_size=8, val_split="test"), AugConfig(),
+                          train=False).val) == 4

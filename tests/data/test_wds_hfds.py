@@ -278,3 +278,54 @@ def test_wds_home_relative_path_and_text_json_labels(tmp_path, monkeypatch):
     (root / "_info.json").write_text(json.dumps(info))
     b = build_data(_wds_cfg(Path("~/wds")), AUG)
     assert len(b.train) == 6 and b.train.targets[-2:] == [2, 0]
+
+
+def _hf_named(datasets, names: list[str], labels: list[str]):
+    """A split whose ClassLabel names are its own (as class_encode_column gives each split)."""
+    rng = np.random.RandomState(len(labels))
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    images = [{"bytes": _png(rng), "path": None} for _ in labels]
+    return datasets.Dataset.from_dict({"image": images, "label": [names.index(c) for c in labels]}, features=feats)
+
+
+def test_hfds_validation_labels_use_the_training_class_indices(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path / "hf"
+    train = _hf_named(datasets, ["cat", "dog", "fox"], ["cat", "dog", "fox", "dog", "cat", "fox"])
+    val = _hf_named(datasets, ["dog", "fox"], ["fox", "dog", "dog"])     # per split: dog -> 0, fox -> 1
+    datasets.DatasetDict({"train": train, "validation": val}).save_to_disk(str(root))
+    b = build_data(_wds_cfg(root, format="hfds"), AUG)
+    assert b.num_classes == 3 and b.val.classes == ["cat", "dog", "fox"]
+    assert b.val.targets == [2, 1, 1] and [b.val[i][1] for i in range(3)] == [2, 1, 1]
+    # a class only the validation split has: refused, named
+    other = tmp_path / "hf2"
+    datasets.DatasetDict({"train": train, "validation": _hf_named(datasets, ["dog", "wolf"], ["wolf", "dog"])}
+                         ).save_to_disk(str(other))
+    with pytest.raises(ValueError, match="classes the training split lacks .*only in validation: wolf"):
+        build_data(_wds_cfg(other, format="hfds"), AUG)
+
+
+def test_hfds_out_of_range_labels_name_their_cause(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.RandomState(0)
+
+    def split(labels):
+        return datasets.Dataset.from_dict({"image": [{"bytes": _png(rng), "path": None} for _ in labels],
+                                           "label": labels},
+                                          features=datasets.Features({"image": datasets.Image(),
+                                                                      "label": datasets.Value("int64")}))
+    root = tmp_path / "hf"
+    datasets.DatasetDict({"train": split([0, 1, 2, 1]), "validation": split([0, 4])}).save_to_disk(str(root))
+    with pytest.raises(ValueError, match=r"outside 0..2 \(e.g. 4; the class count is 3, from the training split"):
+        build_data(_wds_cfg(root, format="hfds"), AUG)
+    unlabelled = tmp_path / "hf_test"
+    datasets.DatasetDict({"train": split([0, 1, 2, 1]), "validation": split([-1, -1])}).save_to_disk(str(unlabelled))
+    with pytest.raises(ValueError, match="-1 marks unlabelled images"):
+        build_data(_wds_cfg(unlabelled, format="hfds"), AUG)
+
+
+def test_wds_eval_only_folder_is_detected_from_its_split(tmp_path):
+    root = tmp_path / "wds"
+    labels = make_wds(root, shards=(("validation", 4),), info=False)
+    b = build_data(_wds_cfg(root, format="auto"), AUG, train=False)    # no train shards: still webdataset
+    assert b.val.targets == labels["validation"]

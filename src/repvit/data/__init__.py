@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from .builtin import (BUILTIN_DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, TensorImageDataset,
@@ -27,8 +28,12 @@ from .folder import SafeImageFolder, find_split_dir, skip_none_collate, validate
 from .sampler import GlobalBatchSampler, shard_range
 from .transforms import CROP_PCT, eval_transform, preprocessing_dict, train_transform
 
-__all__ = ["DataBundle", "build_data", "BUILTIN_DATASETS", "FASHION_MNIST_DIR", "GlobalBatchSampler",
-           "shard_range", "skip_none_collate", "validate_image_folder", "SafeImageFolder"]
+__all__ = ["DataBundle", "build_data", "BUILTIN_DATASETS", "DATA_FORMATS", "FASHION_MNIST_DIR",
+           "GlobalBatchSampler", "shard_range", "skip_none_collate", "validate_image_folder", "SafeImageFolder",
+           "SafeTarDataset", "channel_mismatch"]
+
+# the values of data.format (and of ``repvit eval --format``)
+DATA_FORMATS = ("auto", "folder", "tar", "wds", "hfds", "hfids")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,13 +69,15 @@ def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
     return sub
 
 
-def _builtin(name: str, data: Any, aug: Any, *, train: bool) -> DataBundle:
+def _builtin(name: str, data: Any, aug: Any, *, train: bool, fallback: bool = True) -> DataBundle:
     notes = []
     if name == "fashion-mnist":
         try:
             splits = load_fashion_mnist(data.download_dir)
             classes: tuple[str, ...] = FASHION_MNIST_CLASSES
         except FileNotFoundError as e:
+            if not fallback:     # evaluation: another dataset's accuracy would be reported as Fashion-MNIST's
+                raise
             # the embedded default must always run: fall back to digits, loudly
             notes.append(f"NOTICE: {e}. Falling back to the scikit-learn digits dataset.")
             name, splits, classes = "digits", load_digits(), tuple(str(i) for i in range(10))
@@ -99,6 +106,56 @@ def _num_classes_of(ds: Any) -> int | None:
     return None
 
 
+class SafeTarDataset(Dataset):
+    """The images of a timm tar reader (``data.format=tar``); ``None`` for an image PIL cannot decode.
+
+    timm's ``ImageDataset`` answers a corrupt image with the *next* index's sample (a lost sample, a duplicated one,
+    nothing counted); here it is dropped by :func:`skip_none_collate` and counted, as for class folders."""
+
+    def __init__(self, reader: Any, transform: Callable | None = None) -> None:
+        self.reader, self.transform = reader, transform
+        self.targets = [-1 if t is None else int(t) for t in getattr(reader, "targets", [])]
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int):
+        # errors of the archive itself (gone, unreadable) propagate: they are not "an unreadable image"
+        f, target = self.reader[i][:2]
+        try:
+            with Image.open(f) as im:
+                img = im.convert("RGB")
+        except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
+            return None
+        return (self.transform(img) if self.transform else img), (-1 if target is None else int(target))
+
+
+def _hf_align_classes(src: str, tr: Any, va: Any, val_split: str) -> None:
+    """Give the validation split the training split's class indices when both name their classes (ClassLabel).
+
+    ``class_encode_column`` (or an ``imagefolder`` load) numbers each split's classes on its own: a validation split
+    lacking a class would shift every later label. Its names must be a subset of the training split's."""
+    if not (tr.named_classes and va.named_classes) or list(va.classes) == list(tr.classes):
+        return
+    t_idx = {c: i for i, c in enumerate(tr.classes)}
+    only_val = [c for c in va.classes if c not in t_idx]
+    if only_val:
+        raise ValueError(f"split {val_split!r} of Hugging Face dataset {src!r} has classes the training split lacks "
+                         f"(only in {val_split}: {', '.join(map(str, only_val[:5]))}"
+                         f"{' ...' if len(only_val) > 5 else ''}); both splits need the same class names")
+    va.remap_classes(list(tr.classes))
+
+
+def channel_mismatch(model_chans: int | None, data_chans: int, *, who: str, data_name: str, fix: str) -> str | None:
+    """The error message when a model's input channel count differs from the data's, else None (also when the
+    model's count is unknown). ``fix`` says what to do."""
+    if model_chans is None or int(model_chans) == int(data_chans):
+        return None
+    kind = {1: " (grayscale)", 3: " (RGB)"}
+    return (f"{who} expects {model_chans}-channel{kind.get(int(model_chans), '')} images but {data_name} gives "
+            f"{data_chans}-channel{kind.get(int(data_chans), '')} ones: {fix}")
+
+
 def _check_split_classes(src: str, n_val: int, n_train: int | None, given: int | None) -> None:
     """Labels are class indices: the splits must agree on the class count unless model.num_classes fixes it."""
     if n_train is not None and not given and n_val > n_train:
@@ -106,12 +163,29 @@ def _check_split_classes(src: str, n_val: int, n_train: int | None, given: int |
                          f"up to {n_train - 1}; set model.num_classes (or num_classes in the info file)")
 
 
-def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_classes: int | None = None) -> DataBundle:
-    """Validate and build the datasets described by ``data`` (a DataConfig) and ``aug`` (an AugConfig)."""
+def _detect_format(root: Path, splits: tuple[str, ...]) -> str:
+    """``data.format=auto``: the format of ``root`` from the files of the splits asked for (an evaluation-only
+    folder holding just ``val.tar`` is a tar folder, not a class folder lacking ``val/``)."""
+    if root.suffix == ".tar" or any((root / f"{s}.tar").exists() for s in splits):
+        return "tar"
+    if ((root / "_info.json").is_file() or (root / "info.json").is_file()
+            or any(any(root.glob(f"*{s}-*.tar")) or any(root.glob(f"{s}/*.tar")) for s in splits)):
+        return "wds"                 # with an info file, or shards named by split (as wds.py finds them)
+    if ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
+            or any((root / s / "state.json").is_file() for s in splits)):
+        return "hfds"                # DatasetDict.save_to_disk, Dataset.save_to_disk, or <split>/ of those
+    return "folder"
+
+
+def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_classes: int | None = None,
+               fallback: bool = True) -> DataBundle:
+    """Validate and build the datasets described by ``data`` (a DataConfig) and ``aug`` (an AugConfig).
+
+    ``fallback=False`` (evaluation): a missing Fashion-MNIST is an error instead of the digits stand-in."""
     src = os.path.expanduser(str(data.dataset))    # "~/data/imagenet" from a YAML recipe or --data
     b = builtin_name(src)
     if b is not None and not Path(src).exists():
-        bundle = _builtin(b, data, aug, train=train)
+        bundle = _builtin(b, data, aug, train=train, fallback=fallback)
     else:
         mean = tuple(data.mean) if data.mean else IMAGENET_MEAN
         std = tuple(data.std) if data.std else IMAGENET_STD
@@ -122,16 +196,7 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
         fmt = data.format
         root = Path(src)
         if fmt == "auto":
-            if root.suffix == ".tar" or (root / f"{data.train_split}.tar").exists():
-                fmt = "tar"
-            elif ((root / "_info.json").is_file() or (root / "info.json").is_file()
-                  or any(root.glob(f"*{data.train_split}-*.tar")) or any(root.glob(f"{data.train_split}/*.tar"))):
-                fmt = "wds"              # with an info file, or shards named by split (as wds.py finds them)
-            elif ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
-                  or (root / data.train_split / "state.json").is_file()):
-                fmt = "hfds"             # DatasetDict.save_to_disk, Dataset.save_to_disk, or <split>/ of those
-            else:
-                fmt = "folder"
+            fmt = _detect_format(root, (data.train_split, data.val_split) if train else (data.val_split,))
         if fmt == "folder":
             if src == "imagenet" and not root.exists():
                 raise FileNotFoundError("this recipe trains on ImageNet: pass --data /path/to/imagenet "
@@ -151,7 +216,10 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
             tr = (HFImageDataset(src, data.train_split, tf_tr, cache_dir=data.download_dir, num_classes=num_classes)
                   if train else None)
             va = HFImageDataset(src, data.val_split, tf_ev, cache_dir=data.download_dir,
-                                num_classes=num_classes or (len(tr.classes) if tr is not None else None))
+                                num_classes=num_classes or (len(tr.classes) if tr is not None else None),
+                                num_classes_from="model.num_classes" if num_classes else "the training split")
+            if tr is not None:
+                _hf_align_classes(src, tr, va, data.val_split)
             n_cls = num_classes or max(len(va.classes), len(tr.classes) if tr is not None else 0)
             _check_split_classes(src, len(va.classes), len(tr.classes) if tr is not None else None, num_classes)
         elif fmt == "hfids":
@@ -183,10 +251,13 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
 
             def open_split(split_root_: str, split: str, training: bool, tf, class_map=None):
                 try:
-                    return create_dataset("", root=split_root_, split=split, is_training=training, transform=tf,
-                                          class_map=class_map or "")
+                    ds = create_dataset("", root=split_root_, split=split, is_training=training,
+                                        class_map=class_map or "")
                 except Exception as e:  # noqa: BLE001 - timm readers raise many types; report them uniformly
                     raise ValueError(f"could not open {src!r} as {fmt} data: {e}") from e
+                # read through timm's reader, decode ourselves: skip and count a corrupt image (timm's
+                # ImageDataset would return the next index's sample instead)
+                return SafeTarDataset(ds.reader, tf)
             tr = open_split(train_root, data.train_split, True, tf_tr) if train else None
             va = open_split(val_root, data.val_split, False, tf_ev)
             if tr is not None:

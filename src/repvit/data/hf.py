@@ -92,7 +92,7 @@ class HFImageDataset(Dataset):
     """``(image, label)`` items of one split; ``None`` for an image PIL cannot decode."""
 
     def __init__(self, src: str, split: str, transform: Callable | None = None, *, cache_dir: str | None = None,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, num_classes_from: str = "model.num_classes") -> None:
         datasets = _import_datasets()
         ds = open_hf_split(src, split, cache_dir)
         self.image_key = _column(ds, IMAGE_KEYS, "image", src)
@@ -103,15 +103,39 @@ class HFImageDataset(Dataset):
         self.targets = _int_labels(self.ds[self.label_key], self.label_key, split, src)
         if len(self.targets) == 0:
             raise ValueError(f"split {split!r} of Hugging Face dataset {src!r} is empty")
-        if isinstance(feat, datasets.ClassLabel):
+        # named classes (a ClassLabel feature): build_data maps the validation split onto the training split's
+        self.named_classes = isinstance(feat, datasets.ClassLabel)
+        if self.named_classes:
             self.classes = list(feat.names)
         else:
             self.classes = [str(i) for i in range(num_classes or max(self.targets) + 1)]
         bad = [t for t in self.targets if not 0 <= t < len(self.classes)]
         if bad:
+            if -1 in bad:
+                cause = ("-1 marks unlabelled images (a test split usually has no labels): evaluate on a labelled "
+                         "split")
+            elif min(bad) < 0:
+                cause = "class indices cannot be negative"
+            elif self.named_classes:
+                cause = (f"its ClassLabel feature names only {len(self.classes)} classes: fix the label column or "
+                         "the feature's names")
+            else:
+                cause = (f"the class count is {len(self.classes)}, from {num_classes_from}: raise model.num_classes "
+                         "to cover every label")
             raise ValueError(f"split {split!r} of Hugging Face dataset {src!r} has labels outside "
-                             f"0..{len(self.classes) - 1} (e.g. {bad[0]}; -1 marks unlabelled test splits)")
+                             f"0..{len(self.classes) - 1} (e.g. {bad[0]}; {cause})")
         self.src, self.split, self.transform = src, split, transform
+
+    def remap_classes(self, classes: list[str]) -> None:
+        """Renumber the labels by ``classes`` (a superset of this split's class names), e.g. the training split's."""
+        idx = {c: i for i, c in enumerate(classes)}
+        missing = [c for c in self.classes if c not in idx]
+        if missing:
+            raise ValueError(f"split {self.split!r} of Hugging Face dataset {self.src!r}: classes "
+                             f"{', '.join(map(str, missing[:5]))} are not among {len(classes)} given classes")
+        new = [idx[c] for c in self.classes]
+        self.targets = [new[t] for t in self.targets]
+        self.classes = list(classes)
 
     def __len__(self) -> int:
         return len(self.targets)

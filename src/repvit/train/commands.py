@@ -11,6 +11,8 @@ __all__ = ["register", "resolve_train_config"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from repvit.data import DATA_FORMATS
+
     from .config import RESUME_OVERRIDABLE
     p = sub.add_parser("train", help="train a RepViT (default: a few-minute run on Fashion-MNIST)",
                        description="Train with a shipped recipe or a YAML file. With no arguments: a real, "
@@ -36,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "a comma-separated list evaluates each member and their ensemble (mean probability)")
     e.add_argument("--data", required=True, help="built-in name (fashion-mnist, digits) or dataset path")
     e.add_argument("--split", default="val", help="split folder of the dataset (default: val)")
+    e.add_argument("--format", dest="data_format", choices=DATA_FORMATS, default="auto",
+                   help="how to read --data, as data.format in training (default: auto, detected from the files "
+                        "of --split)")
+    e.add_argument("--download-dir", help="folder of the Fashion-MNIST IDX files (or the Hugging Face datasets "
+                   "cache); default: a run's data.download_dir for its last.pt / run dir, else the Debian path")
     e.add_argument("--form", choices=("train", "deploy"), default="train", help="evaluate as trained or fused")
     e.add_argument("--preprocessing", choices=("official", "timm"), default="official",
                    help="official: resize 256 / crop 224 (crop 0.875); timm: crop 0.95")
@@ -124,7 +131,10 @@ def _eval(args: argparse.Namespace) -> int:
     res = evaluate_checkpoint(args.checkpoint, args.data, form=args.form, eval_crop=args.preprocessing,
                               batch_size=args.batch_size, device=args.device, img_size=args.img_size,
                               num_workers=args.workers, max_samples=args.max_samples, split=args.split,
-                              tta=args.tta)
+                              tta=args.tta, data_format=args.data_format, download_dir=args.download_dir)
+    print(f"data: {res['data']}")
+    for note in res.get("notes", []):
+        print(note)
     for r in res["results"]:
         print(f"{r['weights']:>7} ({r['form']}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  "
               f"on {r['n']} images" + (f", {r['skipped']} unreadable skipped" if r["skipped"] else ""))

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from repvit.data import build_data, shard_range, skip_none_collate
+from repvit.data import build_data, builtin_name, channel_mismatch, shard_range, skip_none_collate
 
 from .dist import all_reduce_sum
 
-__all__ = ["evaluate", "evaluate_checkpoint", "autocast_ctx", "resolve_amp", "TTA_MODES"]
+__all__ = ["evaluate", "evaluate_checkpoint", "autocast_ctx", "resolve_amp", "model_in_chans", "TTA_MODES"]
 
 # test-time augmentation: none, or the horizontal mirror (the training flip) averaged in
 TTA_MODES = ("none", "flip")
@@ -134,39 +134,61 @@ def _models_from_train_state(path: Path) -> tuple[list[tuple[str, nn.Module]], d
     return out, {"config": cfg}
 
 
-def _load_for_eval(p: Path) -> list[tuple[str, nn.Module]]:
-    """The models a checkpoint holds: ("raw", "ema") for a run's last.pt / run dir, ("weights",) otherwise."""
+def _load_for_eval(p: Path) -> tuple[list[tuple[str, nn.Module]], Any]:
+    """The models a checkpoint holds: ("raw", "ema") for a run's last.pt / run dir, ("weights",) otherwise; and
+    the run's config (a TrainConfig) for a run's checkpoint, else None."""
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} not found")
     if p.is_dir() or p.suffix == ".pt" and _is_train_state(p):
-        return _models_from_train_state(p)[0]
+        models, extra = _models_from_train_state(p)
+        return models, extra["config"]
     from .builder import model_from_file
-    return [("weights", model_from_file(str(p)))]
+    return [("weights", model_from_file(str(p)))], None
 
 
-def _ensemble_members(paths: list[Path]) -> list[tuple[str, nn.Module]]:
+def _ensemble_members(paths: list[Path]) -> tuple[list[tuple[str, nn.Module]], list[Any]]:
     """One model per checkpoint (its EMA weights when it holds them), all with the same input preprocessing:
-    an ensemble averages predictions on one input tensor, so members trained on different inputs cannot share it."""
-    members = []
+    an ensemble averages predictions on one input tensor, so members trained on different inputs cannot share it.
+    Also the members' run configs (None for plain weights files)."""
+    members, configs = [], []
     for p in paths:
-        models = dict(_load_for_eval(p))
+        loaded, cfg = _load_for_eval(p)
+        models = dict(loaded)
         key = "ema" if "ema" in models else next(iter(models))
         members.append((f"{p}" + (f" ({key})" if key != "weights" else ""), models[key]))
+        configs.append(cfg)
     ref_name, ref = members[0]
     ref_pre = getattr(ref, "preprocessing", None) or {}
     for name, m in members[1:]:
         pre = getattr(m, "preprocessing", None) or {}
-        for k in ("input_size", "mean", "std"):
-            if pre.get(k) is not None and ref_pre.get(k) is not None and list(pre[k]) != list(ref_pre[k]):
-                raise ValueError(f"ensemble member {name} was trained with {k} {list(pre[k])} but {ref_name} with "
-                                 f"{list(ref_pre[k])}: members must share the input preprocessing")
-    return members
+        # the input tensor is built once, with member 0's preprocessing: resize/crop too, not only size and scaling
+        for k in ("input_size", "mean", "std", "interpolation", "crop_pct"):
+            a, b = pre.get(k), ref_pre.get(k)
+            if a is not None and b is not None and _as_list(a) != _as_list(b):
+                raise ValueError(f"ensemble member {name} was trained with {k} {a} but {ref_name} with {b}: "
+                                 "members must share the input preprocessing (input size, mean, std, "
+                                 "interpolation, crop): one input tensor, built with the first member's, feeds "
+                                 "them all")
+    return members, configs
+
+
+def _as_list(v: Any) -> list:
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else [v]
+
+
+def model_in_chans(model: nn.Module) -> int | None:
+    """The input channel count a model expects (RepViT's ``in_chans``, else its preprocessing), None if unknown."""
+    chans = getattr(model, "in_chans", None)
+    if chans is None:
+        size = (getattr(model, "preprocessing", None) or {}).get("input_size")
+        chans = size[0] if size else None
+    return int(chans) if chans is not None else None
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval_crop: str = "official",
                         batch_size: int = 128, device: str = "auto", img_size: int | None = None,
                         num_workers: int = 4, max_samples: int | None = None, data_format: str = "auto",
-                        split: str = "val", tta: str = "none") -> dict[str, Any]:
+                        split: str = "val", tta: str = "none", download_dir: str | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint (our .safetensors, any format repvit reads, or a run's last.pt / run dir).
 
     Returns ``{"top1", "top5", "results": [{"weights", "form", "top1", "top5", ...}], ...}``; the
@@ -175,6 +197,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     A comma-separated list ``a.pt,b.safetensors`` evaluates an ensemble: each member (its EMA weights when it has
     them) and the mean of the members' probabilities (what ``distill.teacher=a,b`` teaches); the top-level numbers
     are the ensemble's.
+
+    ``download_dir``: the folder of the Fashion-MNIST IDX files (or the Hugging Face datasets cache); default: the
+    run config's ``data.download_dir`` for a run's checkpoint, else the Debian path. A missing Fashion-MNIST is an
+    error here (training's digits stand-in would report another dataset's accuracy). The result's ``data`` and
+    ``notes`` say what was evaluated.
     """
     from repvit.reparam import reparameterize
 
@@ -185,7 +212,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
         raise ValueError(f"--form must be train or deploy, got {form!r}")
     _check_tta(tta)     # before any data is read
     paths = [Path(s) for s in split_comma_list(checkpoint, "checkpoint list")]
-    models = _load_for_eval(paths[0]) if len(paths) == 1 else _ensemble_members(paths)
+    if len(paths) == 1:
+        models, cfg = _load_for_eval(paths[0])
+        configs = [cfg]
+    else:
+        models, configs = _ensemble_members(paths)
+    if download_dir is None:     # a run's checkpoint: where that run read its data from
+        download_dir = next((c.data.download_dir for c in configs if c is not None and c.data.download_dir), None)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     pre = getattr(models[0][1], "preprocessing", None) or {}
@@ -194,13 +227,27 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
                       num_workers=num_workers, max_val_samples=max_samples,
                       mean=tuple(pre["mean"]) if pre.get("mean") else None,
                       std=tuple(pre["std"]) if pre.get("std") else None,
-                      interpolation=pre.get("interpolation", "bicubic"))
-    bundle = build_data(dcfg, AugConfig(), train=False)
+                      interpolation=pre.get("interpolation", "bicubic"), download_dir=download_dir)
+    try:
+        bundle = build_data(dcfg, AugConfig(), train=False, fallback=False)
+    except FileNotFoundError as e:
+        if builtin_name(data) == "fashion-mnist" and not Path(data).exists():
+            raise FileNotFoundError(f"cannot evaluate on Fashion-MNIST: {e} (repvit eval --download-dir DIR; "
+                                    "evaluation never substitutes another dataset)") from e
+        raise
     workers = 0 if bundle.train is None and bundle.name in ("fashion-mnist", "digits") else num_workers
     results, fused = [], []
     for name, model in models:
+        who = f"ensemble member {name}" if len(paths) > 1 else "the checkpoint"
+        chans = model_in_chans(model)
+        msg = channel_mismatch(chans, bundle.in_chans, who=who, data_name=bundle.name, fix=(
+            "the built-in datasets are grayscale; evaluate a checkpoint trained on them, or pass a dataset path "
+            "with RGB images" if bundle.in_chans == 1 else
+            f"evaluate it on data like it was trained on{' (a built-in such as fashion-mnist)' if chans == 1 else ''}"
+            f", or train or fine-tune a {bundle.in_chans}-channel model on this data (repvit train --data ...)"))
+        if msg:
+            raise ValueError(msg)
         if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
-            who = f"ensemble member {name}" if len(paths) > 1 else "the checkpoint"
             raise ValueError(f"{who} predicts {model.num_classes} classes but {data} has "
                              f"{bundle.num_classes}")
         m = reparameterize(model) if form == "deploy" and not getattr(model, "deploy", False) else model
@@ -215,6 +262,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     main = next((r for r in results if r["weights"] == "ensemble"), None) or \
         next((r for r in results if r["weights"] == "ema"), results[0])
     return {"checkpoint": checkpoint if len(paths) > 1 else str(paths[0]), "data": bundle.name,
+            "notes": list(bundle.notes),
             "eval_crop": eval_crop, "img_size": size, "tta": tta,
             "top1": main["top1"], "top5": main["top5"], "n": main["n"], "results": results}
 

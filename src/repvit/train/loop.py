@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import repvit
-from repvit.data import DataBundle, GlobalBatchSampler, build_data, builtin_name
+from repvit.data import DataBundle, GlobalBatchSampler, build_data, builtin_name, channel_mismatch
 from repvit.reparam import reparameterize
 
 from ..utils.files import atomic_write_json, atomic_write_text
@@ -58,7 +58,7 @@ from .distill import (
     teacher_input_mismatch,
     teacher_targets,
 )
-from .evaluate import autocast_ctx, evaluate, resolve_amp
+from .evaluate import autocast_ctx, evaluate, model_in_chans, resolve_amp
 
 __all__ = ["train", "NonFiniteLossError", "TrainResult", "build_optimization"]
 
@@ -91,6 +91,47 @@ class _Indexed(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.ds[i]
         return None if item is None else (*item, i)
+
+
+def _cached_teacher_logits(path: Path, n: int, num_classes: int, log: Callable[[str], None]) -> torch.Tensor | None:
+    """The teacher logits cached at ``path`` when they fit the training set (``n`` x ``num_classes``), else None.
+
+    They are indexed by sample: a cache of another training set (another data.max_train_samples, another dataset
+    in a reused run directory) would hand each image another image's targets, so it is recomputed."""
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unreadable cache is recomputed, like a stale one
+        log(f"note: cannot read {path} ({e}); recomputing the teacher logits")
+        return None
+    if not isinstance(cached, torch.Tensor) or tuple(cached.shape) != (n, num_classes):
+        what = f"shape {tuple(cached.shape)}" if isinstance(cached, torch.Tensor) else type(cached).__name__
+        log(f"note: {path} holds teacher logits of {what}, but the training set has {n} images of {num_classes} "
+            "classes; recomputing them")
+        return None
+    return cached
+
+
+def _check_channels(model: nn.Module | None, bundle: DataBundle, who: str, fix: str) -> None:
+    msg = channel_mismatch(model_in_chans(model) if model is not None else None, bundle.in_chans, who=who,
+                           data_name=bundle.name, fix=fix)
+    if msg:
+        raise ValueError(msg)
+
+
+def _check_pretrained_channels(source: str, bundle: DataBundle) -> None:
+    """Raise a clear error when the fine-tuning checkpoint was trained on images with another channel count."""
+    from repvit.weights import read_checkpoint
+    try:
+        chans = read_checkpoint(source).info.in_chans
+    except Exception:  # noqa: BLE001 - unreadable: the original error says why
+        return
+    msg = channel_mismatch(chans, bundle.in_chans, who=f"model.pretrained {source}", data_name=bundle.name,
+                           fix=f"its input layer cannot take these images; fine-tune from weights trained on "
+                               f"{bundle.in_chans}-channel images, or train from scratch (model.pretrained=null)")
+    if msg:
+        raise ValueError(msg)
 
 
 def _seed_all(seed: int) -> None:
@@ -237,6 +278,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         log(note)
     num_classes = cfg.model.num_classes or bundle.num_classes
     in_chans = cfg.model.in_chans or bundle.in_chans
+    msg = channel_mismatch(in_chans, bundle.in_chans, who=f"the model (model.in_chans={in_chans})",
+                           data_name=bundle.name, fix="drop model.in_chans (it defaults to the data's channel count)")
+    if msg:
+        raise ValueError(msg)
     if di.is_main and (state is None or changes):
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     if changes:
@@ -244,7 +289,12 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
 
     # ---- model, teacher, EMA
     # on resume the weights come from last.pt: the fine-tune source need not exist any more
-    model = build_student(_no_pretrained(cfg) if state is not None else cfg, num_classes, in_chans)
+    try:
+        model = build_student(_no_pretrained(cfg) if state is not None else cfg, num_classes, in_chans)
+    except ValueError:
+        if state is None and cfg.model.pretrained:
+            _check_pretrained_channels(cfg.model.pretrained, bundle)     # a clearer message when that is the cause
+        raise
     model.preprocessing = bundle.preprocessing
     distill = cfg.distill.kind != "none"
     if distill:
@@ -271,6 +321,11 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                                 in_chans=in_chans).to(device)
         if cfg.run.channels_last:
             teacher.to(memory_format=torch.channels_last)
+        members = list(getattr(teacher.model, "members", [teacher.model]))   # an ensemble: each member
+        for i, m in enumerate(members):
+            who = f"the teacher {cfg.distill.teacher!r}" + (f" (member {i})" if len(members) > 1 else "")
+            _check_channels(m, bundle, who, f"distil from a teacher trained on {bundle.in_chans}-channel images "
+                                            "(e.g. a checkpoint of a run on this data)")
         note = teacher_input_mismatch(teacher.model, bundle.preprocessing)
         if note:
             log(f"warning: the teacher sees the student's inputs, but {note}; its labels may be poor")
@@ -339,9 +394,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     cached = None
     if distill and cfg.distill.precompute:
         cache = run_dir / "teacher_logits.pt"
-        if cache.exists():
-            cached = torch.load(cache, map_location="cpu", weights_only=True)
-        else:
+        cached = _cached_teacher_logits(cache, len(bundle.train), num_classes, log)
+        if cached is None:
             log("precomputing teacher logits on the un-augmented training set ...")
             cached = precompute_teacher_logits(teacher, _eval_view(bundle.train, bundle, cfg),
                                                batch_size=cfg.run.batch_size, device=device, collate=bundle.collate)
