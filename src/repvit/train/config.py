@@ -149,7 +149,8 @@ class TrainConfig:
         _choice("distill.kind", self.distill.kind, ("none", "hard", "soft"))
         _choice("run.amp", self.run.amp, ("none", "bf16", "fp16"))
         _choice("data.eval_crop", self.data.eval_crop, ("official", "timm"))
-        _choice("data.format", self.data.format, ("auto", "folder", "tar", "wds", "hfds", "hfids"))
+        from repvit.data import DATA_FORMATS  # one list for the config, the data builder and `repvit eval --format`
+        _choice("data.format", self.data.format, DATA_FORMATS)
         _choice("optim.clip_mode", self.optim.clip_mode, ("agc", "norm", "value", "none"))
         _choice("run.save_best_from", self.run.save_best_from, ("auto", "ema", "raw"))
         _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
