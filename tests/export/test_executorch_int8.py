@@ -67,3 +67,37 @@ def test_executorch_int8_keeps_accuracy_and_runs(digits_ckpt, tmp_path, capsys):
     assert info["latency_ms_batch1"]["int8"] > 0
     side = json.loads((tmp_path / "q.pte.json").read_text())
     assert side["quantization"]["kept_float"] == ["depthwise"] and side["quantization"]["calibration"]["images"] == 64
+
+
+@pytest.mark.parametrize("failure", ["broken program", "loader error", "runtime missing"])
+def test_broken_program_is_not_published(tmp_path, monkeypatch, failure):
+    """Only a missing runtime (ImportError) lets the .pte be written unchecked; a program the runtime cannot load
+    (here: a real ExecuTorch runtime given junk bytes, or a loader raising RuntimeError) aborts before publishing.
+    The (slow) lowering is faked: it returns junk bytes and a trivial PT2E graph."""
+    pytest.importorskip("executorch.runtime", reason="executorch is not installed (pip install 'repvit[executorch]')")
+    import repvit.export.executorch_int8 as ei
+
+    from .conftest import small_model
+
+    monkeypatch.setattr(ei, "xnnpack_program", lambda *a, **k: (
+        type("Prog", (), {"buffer": b"not an ExecuTorch program" * 4})(), torch.fx.symbolic_trace(nn.Identity())))
+    if failure == "loader error":
+        def loader(path):
+            raise RuntimeError("Failed to load program")
+        monkeypatch.setattr(ei, "_runtime_method", loader)
+    elif failure == "runtime missing":
+        def loader(path):
+            raise ImportError("No module named 'executorch.extension.pybindings._portable_lib'")
+        monkeypatch.setattr(ei, "_runtime_method", loader)
+    model = small_model(in_chans=1, size=32, num_classes=10)
+    model.preprocessing = {"input_size": [1, 32, 32], "mean": [0.3], "std": [0.35], "interpolation": "bilinear",
+                           "crop_pct": 1.0}
+    out = tmp_path / "q.pte"
+    kw = dict(calib="digits", num_calib=2, measure_latency=False)
+    if failure == "runtime missing":
+        info = ei.quantize_executorch(model, out, **kw)
+        assert out.is_file() and "executorch runtime unavailable" in info["validation"]["skipped"]
+        return
+    with pytest.raises(RuntimeError, match="load"):
+        ei.quantize_executorch(model, out, **kw)
+    assert not list(tmp_path.iterdir())

@@ -4,6 +4,7 @@ leaves sensitive groups in float on request, and refuses bad options clearly."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,33 @@ def test_openvino_failed_run_leaves_no_files(tmp_path, monkeypatch):
         ov8.quantize_openvino(model, out, calib="digits", num_calib=2, eval_data="digits", num_eval=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]
     assert out.read_text() == "old ir" and out.with_suffix(".bin").read_text() == "old weights"
+
+
+def test_fp32_reference_runs_in_f32_and_precisions_are_recorded(tmp_path, monkeypatch):
+    """OpenVINO's CPU plugin runs an fp32 model in bf16 by default on AMX/AVX512-BF16 CPUs: the fp32 side of
+    ``--eval`` must ask for f32, and the sidecar must say which precision each side really ran with."""
+    import repvit.export.openvino_int8 as ov8
+
+    from .conftest import small_model
+
+    calls = []
+    real_session = ov8.openvino_session
+
+    def spy(path, **kw):
+        calls.append((Path(path).name, kw.get("precision")))
+        return real_session(path, **kw)
+
+    monkeypatch.setattr(ov8, "openvino_session", spy)
+    model = small_model(in_chans=1, size=32, num_classes=10, seed=0)
+    model.preprocessing = {"input_size": [1, 32, 32], "mean": [0.3], "std": [0.35], "interpolation": "bilinear",
+                           "crop_pct": 1.0}
+    out = tmp_path / "m.xml"
+    info = ov8.quantize_openvino(model, out, calib="digits", num_calib=2, eval_data="digits", num_eval=4)
+    fp32_calls = [p for name, p in calls if name.endswith(".onnx")]
+    assert fp32_calls == ["f32"], calls
+    e = info["eval"]
+    assert e["fp32_inference_precision"] == "f32"
+    # what the INT8 side ran with is the plugin's real default on this CPU (bf16 with AMX/AVX512-BF16, else f32)
+    default = ov8.inference_precision(real_session(out))
+    assert e["int8_inference_precision"] == info["int8_inference_precision"] == default
+    assert json.loads(sidecar_path(out).read_text())["eval"]["fp32_inference_precision"] == "f32"

@@ -124,7 +124,7 @@ def test_folder_calibration_and_keep_float(tmp_path):
     x, y = load_images(folder, pre)
     assert x.shape == (6, 3, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert y.tolist() == [0, 0, 0, 1, 1, 1]
-    model = small_model(size=32)
+    model = small_model(size=32, num_classes=2)  # as many classes as the folder (checked for --eval)
     out = tmp_path / "q.onnx"
     info = quantize_onnx(model, out, calib=folder, keep_float=["stem", "head"], per_channel=False,
                          bake_preprocessing="uint8", eval_data=folder)
@@ -236,6 +236,9 @@ def test_u8_weights_choice_is_applied_and_recorded(tmp_path, u8):
                          input_size=(32, 32))
     assert info["quantization"]["u8_weights"] is u8
     g = onnx.load(str(tmp_path / "q.onnx"))
+    # the sidecar's opset is the one the INT8 file imports (the quantizer may change it), not just the request
+    assert info["opset"] == next(o.version for o in g.opset_import if o.domain in ("", "ai.onnx"))
+    assert info["opset_requested"] == 20
     inits = {i.name: i.data_type for i in g.graph.initializer}
     weight_q = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                 and inits[n.input[0]] in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
@@ -254,3 +257,56 @@ def test_cli_no_vnni_target_overrides_the_cpu(digits_ckpt, tmp_path, capsys):
         assert rc == 0
         info = json.loads(capsys.readouterr().out)
         assert info["quantization"]["u8_weights"] is u8
+
+
+def _class_folder(root, classes, n=1):
+    from PIL import Image
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.random.RandomState(i).randint(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png")
+    return root
+
+
+def test_eval_labels_must_match_the_models_classes(tmp_path):
+    """Labels are class indices: a held-out set with another number of classes than the model is refused (before
+    the slow quantization, so nothing is written), for a folder and for a built-in dataset."""
+    pytest.importorskip("PIL.Image")
+    folder = _class_folder(tmp_path / "val", ["cat", "dog", "fox"])
+    pre = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear",
+           "crop_pct": 1.0}
+    with pytest.raises(ValueError, match=r"has 3 classes \(sub-folders cat, dog, fox\) but the model has 10"):
+        load_images(folder, pre, split="val", num_classes=10)
+    assert load_images(folder, pre, split="val", num_classes=3)[1].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="digits has 10 classes .* but the model has 1000"):
+        load_images("digits", pre, split="val", limit=2, num_classes=1000)
+    model = small_model(size=32)  # 10 classes
+    out = tmp_path / "q.onnx"
+    with pytest.raises(ValueError, match="but the model has 10"):
+        quantize_onnx(model, out, calib="digits", num_calib=2, eval_data=folder)
+    assert not out.exists() and not sidecar_path(out).exists()
+
+
+def test_num_eval_must_be_positive(tmp_path, capsys):
+    for n in ("0", "-3"):
+        rc = cli_main(["quantize", "repvit_m0_6", "--num-classes", "10", "--input-size", "32", "32", "--calib", "digits",
+                       "--num-calib", "2", "--eval", "digits", "--num-eval", n, "--out", str(tmp_path / "q.onnx")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--num-eval must be at least 1" in err, err
+    with pytest.raises(ValueError, match="at least 1"):
+        load_images("digits", {"input_size": [1, 8, 8], "mean": [0.5], "std": [0.5]}, limit=0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_folder_inside_the_calibration_folder_is_flagged(tmp_path):
+    from repvit.export.calib import source_facts
+
+    calib = tmp_path / "images"
+    (calib / "val").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    assert source_facts(calib / "val", "val", calib)["overlaps_calibration"] is True   # eval inside calibration
+    assert source_facts(calib, "val", calib / "val")["overlaps_calibration"] is True   # calibration inside eval
+    assert source_facts(calib, "val", calib)["overlaps_calibration"] is True
+    assert "overlaps_calibration" not in source_facts(tmp_path / "other", "val", calib)
+    assert "overlaps_calibration" not in source_facts(calib / "val", "val", "digits")

@@ -8,6 +8,25 @@ from pathlib import Path
 from .runtimes import DEFAULT_RUNTIMES, RUNTIMES
 
 
+# defaults of the options whose meaning differs between the CPU harness and --gpu mode
+_CPU_DEFAULTS = {"warmup": 10, "iters": 10, "rounds": 5}
+_GPU_DEFAULTS = {"warmup": 20, "iters": 30}
+# options of the CPU harness that --gpu mode does not use (it would silently ignore them): flag -> "was it given?"
+_CPU_ONLY_FLAGS = {
+    "--runtimes": lambda a: a.runtimes is not None,
+    "--threads": lambda a: a.threads is not None,
+    "--rounds": lambda a: a.rounds is not None,
+    "--markdown": lambda a: a.markdown is not None,
+    "--plot": lambda a: a.plot is not None,
+    "--plot-runtime": lambda a: a.plot_runtime is not None,
+    "--downstream": lambda a: a.downstream,
+    "--downstream-size": lambda a: a.downstream_size != 512,
+    "--downstream-models": lambda a: a.downstream_models is not None,
+    "--downstream-runtimes": lambda a: a.downstream_runtimes is not None,
+    "--no-peak": lambda a: a.no_peak,
+}
+
+
 def _csv(s: str) -> list[str]:
     return [x for x in s.replace(",", " ").split() if x]
 
@@ -27,9 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot-runtime", default=None, help="runtime whose latency the plot uses (default onnxruntime)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads, pinned (default: all CPUs available)")
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"warm-up iterations (default {_CPU_DEFAULTS['warmup']}; --gpu: {_GPU_DEFAULTS['warmup']})")
+    p.add_argument("--iters", type=int, default=None,
+                   help=f"timed iterations per round (default {_CPU_DEFAULTS['iters']}; --gpu: timed batches, "
+                        f"default {_GPU_DEFAULTS['iters']})")
+    p.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {_CPU_DEFAULTS['rounds']})")
     p.add_argument("--downstream", action="store_true",
                    help="also time features-only backbones at --downstream-size (paper: 512)")
     p.add_argument("--downstream-size", type=int, default=512)
@@ -38,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: eager/onnxruntime/openvino among --runtimes")
     p.add_argument("--no-peak", action="store_true", help="skip the 2048^3 matmul peak measurement")
     p.add_argument("--gpu", action="store_true", help="GPU throughput mode (speed_gpu.py style); needs CUDA")
-    p.add_argument("--gpu-batch", type=int, default=256)
+    p.add_argument("--gpu-batch", type=int, default=None, help="--gpu: batch size (default 256)")
     p.set_defaults(func=_bench)
 
     r = sub.add_parser(
@@ -85,17 +107,29 @@ def _bench(args: argparse.Namespace) -> int:
     from .report import bench_markdown, plot_bench, write_json
     models = [m for s in args.models for m in _csv(s)] if args.models else None
     if args.gpu:
+        bad = [flag for flag, used in _CPU_ONLY_FLAGS.items() if used(args)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} do not apply to --gpu (GPU throughput mode takes --models, "
+                             "--input-size, --gpu-batch, --warmup, --iters and --json)")
         from .gpu import gpu_throughput
-        rows = gpu_throughput(models, batch=args.gpu_batch, input_size=args.input_size)
+        warmup = _GPU_DEFAULTS["warmup"] if args.warmup is None else args.warmup
+        iters = _GPU_DEFAULTS["iters"] if args.iters is None else args.iters
+        batch = 256 if args.gpu_batch is None else args.gpu_batch
+        rows = gpu_throughput(models, batch=batch, input_size=args.input_size, warmup=warmup, iters=iters)
         for r in rows:
             print(f"{r['display']:<28} {r['images_per_s']:10.0f} images/s  (batch {r['batch']}, {r['device']})")
         if args.json:
-            write_json(args.json, {"schema": "repvit.bench.gpu/1", "results": rows})
+            write_json(args.json, {"schema": "repvit.bench.gpu/1", "results": rows,
+                                   "settings": {"batch": batch, "input_size": args.input_size, "warmup": warmup,
+                                                "iters": iters}})
         return 0
+    if args.gpu_batch is not None:
+        raise ValueError("--gpu-batch applies to --gpu only")
     from .harness import run_bench
     runtimes = [x for s in args.runtimes for x in _csv(s)] if args.runtimes else None
-    res = run_bench(models, runtimes, threads=args.threads, input_size=args.input_size, warmup=args.warmup,
-                    iters=args.iters, rounds=args.rounds, downstream=args.downstream,
+    opt = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in _CPU_DEFAULTS.items()}
+    res = run_bench(models, runtimes, threads=args.threads, input_size=args.input_size, warmup=opt["warmup"],
+                    iters=opt["iters"], rounds=opt["rounds"], downstream=args.downstream,
                     downstream_size=args.downstream_size, downstream_models=args.downstream_models,
                     downstream_runtimes=args.downstream_runtimes,
                     peak=not args.no_peak)

@@ -16,11 +16,13 @@ __all__ = ["gpu_throughput"]
 @torch.inference_mode()
 def gpu_throughput(models: list[str] | None = None, *, batch: int = 256, input_size: int = 224,
                    warmup: int = 20, iters: int = 30) -> list[dict[str, Any]]:
-    """Images/s per model on ``cuda:0``; raises RuntimeError without a GPU."""
+    """Images/s per model on ``cuda:0`` (``warmup`` untimed then ``iters`` timed batches, both recorded per row);
+    raises RuntimeError without a GPU."""
+    if batch < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"batch and iters must be >= 1 and warmup >= 0, got batch {batch}, iters {iters}, "
+                         f"warmup {warmup}")
     if not torch.cuda.is_available():
         raise RuntimeError("--gpu needs a CUDA GPU and a CUDA build of torch; none is visible here")
-    if batch < 1 or iters < 1:
-        raise ValueError("batch and iters must be >= 1")
     dev = torch.device("cuda:0")
     out = []
     for e in resolve_models(models):
@@ -37,7 +39,8 @@ def gpu_throughput(models: list[str] | None = None, *, batch: int = 256, input_s
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
         out.append({"model": e.key, "display": e.display, "fused": how, "batch": batch, "amp": "fp16",
-                    "channels_last": True, "images_per_s": batch * iters / dt, "device": torch.cuda.get_device_name(dev)})
+                    "channels_last": True, "warmup": warmup, "iters": iters,
+                    "images_per_s": batch * iters / dt, "device": torch.cuda.get_device_name(dev)})
         del model, x
         torch.cuda.empty_cache()
     return out

@@ -68,10 +68,43 @@ def resolve_no_vnni(flag: bool | None) -> bool:
     return int8_overflow_risk() if flag is None else bool(flag)
 
 
+def _thread_ids() -> list[int]:
+    """Kernel thread ids of this process (Linux ``/proc/self/task``); ``[0]`` (the calling thread) elsewhere."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except (OSError, ValueError):
+        return [0]
+
+
+def _thread_affinities() -> dict[int, set[int]]:
+    """Affinity mask of every thread of the process (threads that exit meanwhile are left out)."""
+    masks = {}
+    for tid in _thread_ids():
+        try:
+            masks[tid] = os.sched_getaffinity(tid)
+        except (ProcessLookupError, FileNotFoundError):  # the thread has exited
+            pass
+    return masks
+
+
+def _set_all_threads(mask, per_thread: dict[int, set[int]] | None = None) -> None:
+    """Set the affinity of every thread of the process: ``per_thread[tid]`` where known, else ``mask``.
+
+    ``os.sched_setaffinity(0, ...)`` alone pins only the calling thread: the intra-op pools of torch, ONNX Runtime
+    and OpenVINO that already exist would keep running on every CPU. Threads that exit meanwhile are skipped."""
+    per_thread = per_thread or {}
+    for tid in _thread_ids():  # the calling thread is one of them
+        try:
+            os.sched_setaffinity(tid, per_thread.get(tid, mask))
+        except (ProcessLookupError, FileNotFoundError):  # the thread has exited
+            pass
+
+
 @contextlib.contextmanager
 def pin_threads(threads: int | None) -> Iterator[dict]:
-    """Use ``threads`` intra-op threads and pin the process to that many CPUs while inside;
-    the previous affinity and torch thread count are restored on exit.
+    """Use ``threads`` intra-op threads and pin the process - every thread of it, the runtimes' existing
+    thread pools included - to that many CPUs while inside; on exit each thread gets back its previous
+    affinity (threads started inside get the caller's previous one) and torch its thread count.
 
     Yields what was set (for the report). ``None`` means one thread per available CPU.
     ONNX Runtime and OpenVINO sessions get the same count from the harness.
@@ -85,15 +118,16 @@ def pin_threads(threads: int | None) -> Iterator[dict]:
     if n > len(avail):
         raise ValueError(f"--threads {n} exceeds the {len(avail)} CPUs this process may use")
     cpus, torch_before = avail[:n], torch.get_num_threads()
-    if has_aff:
-        os.sched_setaffinity(0, cpus)
-    torch.set_num_threads(n)
+    masks = _thread_affinities() if has_aff else {}
     try:
+        if has_aff:
+            _set_all_threads(cpus)
+        torch.set_num_threads(n)
         yield {"threads": n, "cpus": cpus, "interop_threads": torch.get_num_interop_threads()}
     finally:
         torch.set_num_threads(torch_before)
         if has_aff:
-            os.sched_setaffinity(0, before)
+            _set_all_threads(before, masks)
 
 
 def _version(mod: str) -> str | None:

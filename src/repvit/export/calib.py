@@ -22,6 +22,7 @@ from .common import require
 __all__ = ["load_images", "normalise", "BUILTIN", "IMAGE_SUFFIXES"]
 
 BUILTIN = ("fashion-mnist", "digits")
+_BUILTIN_CLASSES = {"fashion-mnist": 10, "digits": 10}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -88,8 +89,18 @@ def _to_model_input(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
     return x.clamp(0, 1).contiguous()  # not in place: expand() above returns a broadcast view
 
 
-def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images under ``root`` (recursively). With class sub-folders, labels are the sorted folder index."""
+def _check_class_count(source: Any, found: int, num_classes: int | None, what: str) -> None:
+    """Refuse labels that cannot be the model's: another number of classes makes top-1 meaningless."""
+    if num_classes and found != num_classes:
+        raise ValueError(f"{source} has {found} classes ({what}) but the model has {num_classes}: labels are "
+                         f"class indices, so its top-1 would be meaningless; evaluate on a set with the model's "
+                         f"{num_classes} classes (class folders sorted by name, as in training)")
+
+
+def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int,
+                   num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images under ``root`` (recursively). With class sub-folders, labels are the sorted folder index
+    (checked against ``num_classes`` when given)."""
     require("PIL", "reading calibration images")
     from PIL import Image
     from timm.data import create_transform
@@ -105,6 +116,9 @@ def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int
         raise ValueError(f"no images found under {root} outside hidden folders")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     labelled = bool(classes) and all(f.parent != root for f in files)
+    if labelled:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        _check_class_count(root, len(classes), num_classes, f"sub-folders {shown}")
     if limit and len(files) > limit:  # a seeded random subset, not the first folders only
         pick = np.random.RandomState(seed).permutation(len(files))[:limit]
         files = [files[i] for i in sorted(pick)]
@@ -130,26 +144,31 @@ def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int
 
 def load_images(
     source: str | os.PathLike, pre: dict[str, Any], *, split: str = "train", limit: int | None = None, seed: int = 0,
+    num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images N x C x H x W float 0..1, labels or None) for ``pre['input_size']``.
 
     ``source``: ``fashion-mnist`` / ``digits`` (``split`` 'train' for calibration, 'val' for the
     held-out check) or a folder of images (class sub-folders give labels). ``limit``: at most this
-    many images, a seeded random subset.
+    many images (>= 1), a seeded random subset. ``num_classes``: if given, labelled images must come from
+    exactly that many classes (class folders, or the built-in dataset's 10), else a ValueError.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"the number of images to read must be at least 1, got {limit}")
     c, h, w = (int(v) for v in pre["input_size"])
     key = _builtin_key(str(source))
     path = Path(source)
     if path.is_dir():
-        return _folder_images(path, pre, limit, seed)
+        return _folder_images(path, pre, limit, seed, num_classes)
     if key is None:
         if path.exists():
             raise ValueError(f"{source} is a file; calibration needs a folder of images or a built-in dataset "
                              f"name ({', '.join(BUILTIN)})")
         raise FileNotFoundError(f"calibration source {str(source)!r} is neither an existing folder nor a built-in "
                                 f"dataset ({', '.join(BUILTIN)})")
+    _check_class_count(key, _BUILTIN_CLASSES[key], num_classes, "a built-in dataset")
     x, y = _builtin_arrays(key, split)
     if limit and len(x) > limit:
         idx = np.sort(np.random.RandomState(seed).permutation(len(x))[:limit])
@@ -160,12 +179,15 @@ def load_images(
 
 def source_facts(source: str | os.PathLike, split: str, calib: str | os.PathLike | None = None) -> dict[str, Any]:
     """What a sidecar says about an image source: its split (built-in datasets only; a folder is read whole) and,
-    for a held-out set, whether it is the calibration folder itself (then its INT8 accuracy is optimistic)."""
+    for a held-out set, whether it overlaps the calibration folder - the same folder, or one inside the other
+    (then its INT8 accuracy is optimistic)."""
     facts: dict[str, Any] = {"source": str(source)}
     if Path(source).is_dir():
         facts["split"] = None
-        if calib is not None and Path(calib).is_dir() and Path(calib).resolve() == Path(source).resolve():
-            facts["overlaps_calibration"] = True
+        if calib is not None and Path(calib).is_dir():
+            a, b = Path(calib).resolve(), Path(source).resolve()
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                facts["overlaps_calibration"] = True
     else:
         facts["split"] = split
     return facts

@@ -37,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis (ONNX, pt2)")
     p.add_argument("--fp16", action="store_true", help="Core ML: fp16 compute precision (default fp32)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer; default 18)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (17 or newer; default 18)")
     p.add_argument("--slim", action="store_true", help="ONNX: simplify the graph (onnxslim, else ORT basic optimisation)")
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default=None,
                    help="ONNX exporter: torchscript (fast, default) or dynamo (torch.export based)")
     p.add_argument("--labels", metavar="FILE", help="Core ML: text file with one class label per line")
     p.set_defaults(func=_export)
@@ -78,6 +78,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_quantize)
 
 
+def _check_source_flags(args: argparse.Namespace) -> None:
+    """--num-classes/--in-chans build a variant-name SOURCE; a checkpoint brings its own, so refuse them there."""
+    from .source import is_checkpoint_path
+    given = [f for f, v in (("--num-classes", args.num_classes), ("--in-chans", args.in_chans)) if v is not None]
+    if given and is_checkpoint_path(args.source):
+        raise ValueError(f"{', '.join(given)} apply to a variant-name SOURCE only; the checkpoint {args.source} "
+                         "brings its own classifier size and input channels")
+
+
 def _load(args: argparse.Namespace):
     from .source import load_source
     return load_source(args.source, model=args.model, use_ema=True if args.ema else None,
@@ -91,6 +100,17 @@ def _print(info: dict[str, Any], args: argparse.Namespace, lines: list[str]) -> 
         print("\n".join(lines))
 
 
+# format-specific options: which formats each applies to, and whether the command line set it (defaults are None
+# where the option has a value, so an explicit default is refused too)
+_FORMAT_FLAGS = {
+    "--fp16": (("coreml",), lambda a: a.fp16),
+    "--opset": (("onnx",), lambda a: a.opset is not None),
+    "--slim": (("onnx",), lambda a: a.slim),
+    "--exporter": (("onnx",), lambda a: a.exporter is not None),
+    "--labels": (("coreml",), lambda a: a.labels is not None),
+}
+
+
 def _export(args: argparse.Namespace) -> int:
     from .common import check_writable
 
@@ -98,8 +118,11 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "coreml" and out.suffix != ".mlpackage":
         raise ValueError(f"Core ML output must end in .mlpackage (e.g. --out {out.with_suffix('.mlpackage')})")
     check_writable(out)  # before the (slow) model loading
-    if args.fp16 and args.format != "coreml":
-        raise ValueError("--fp16 applies to --format coreml only")
+    bad = [flag for flag, (formats, used) in _FORMAT_FLAGS.items() if used(args) and args.format not in formats]
+    if bad:
+        where = ", ".join(sorted({f for flag in bad for f in _FORMAT_FLAGS[flag][0]}))
+        raise ValueError(f"{', '.join(bad)} do not apply to --format {args.format} (only to {where})")
+    _check_source_flags(args)
     if args.dynamic_batch and args.format not in ("onnx", "pt2"):
         raise ValueError(f"--dynamic-batch is supported for onnx and pt2, not {args.format} "
                          "(TorchScript traces accept any batch; ExecuTorch and Core ML programs are static)")
@@ -109,9 +132,10 @@ def _export(args: argparse.Namespace) -> int:
     size = tuple(args.input_size) if args.input_size else None
     bake = args.bake_preprocessing
     if args.format == "onnx":
-        from .onnx_export import export_onnx
-        info = export_onnx(model, out, input_size=size, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                           bake_preprocessing=bake, slim=args.slim, exporter=args.exporter)
+        from .onnx_export import DEFAULT_OPSET, export_onnx
+        info = export_onnx(model, out, input_size=size, dynamic_batch=args.dynamic_batch,
+                           opset=DEFAULT_OPSET if args.opset is None else args.opset,
+                           bake_preprocessing=bake, slim=args.slim, exporter=args.exporter or "torchscript")
         v = info["validation"]
         detail = (f"opset {info['opset']}, ONNX checker passed, {v['batchnorm_nodes']} BatchNormalization nodes, "
                   f"max |ORT - PyTorch| = {v['max_abs_diff_vs_torch']:.3g}")
@@ -177,6 +201,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     backend = _check_backend(args, out)
+    _check_source_flags(args)
     check_writable(out)
     if args.keep_float is None:
         keep_float = []
@@ -239,8 +264,8 @@ def _quantize(args: argparse.Namespace) -> int:
         else:
             lines.append(f"held-out {e['source']}: prediction agreement with fp32 {e['agreement_pct']:.1f}%")
         if e.get("overlaps_calibration"):
-            lines.append("warning: the held-out folder is the calibration folder, so these numbers are optimistic; "
-                         "pass --eval a folder of other images")
+            lines.append("warning: the held-out folder overlaps the calibration folder (the same folder, or one "
+                         "inside the other), so these numbers are optimistic; pass --eval a folder of other images")
     lines.append(f"sidecar: {info['sidecar']}")
     _print(info, args, lines)
     return 0

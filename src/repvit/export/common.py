@@ -19,8 +19,16 @@ from ..utils.files import atomic_write_text, sha256_of
 
 __all__ = [
     "require", "check_writable", "atomic_output", "sha256_of", "write_sidecar", "sidecar_path",
-    "get_preprocessing", "Preprocess", "model_info", "installed_version",
+    "get_preprocessing", "Preprocess", "model_info", "installed_version", "check_parity", "ParityError",
+    "PARITY_ATOL", "PARITY_RTOL",
 ]
+
+# fp32 parity bound of every export check against PyTorch: |exported - PyTorch| <= ATOL + RTOL * max|PyTorch|.
+# The fp32 exports observed here differ by ~1e-5 (ONNX Runtime, TorchScript, torch.export, ExecuTorch XNNPACK);
+# this bound leaves ~100x margin for other CPUs' kernels, yet a wrong graph (a dropped branch, a swapped channel,
+# a lost normalisation) differs by O(max|logit|) and is refused.
+PARITY_ATOL = 1e-3
+PARITY_RTOL = 1e-3
 
 # ImageNet statistics, the official RepViT eval preprocessing (RepViT reference sheet
 # (paper arXiv 2307.09283 / official repo): 224x224, bicubic, ImageNet mean/std, crop 0.875).
@@ -74,8 +82,48 @@ def check_writable(path: str | os.PathLike) -> Path:
     return p
 
 
+class ParityError(RuntimeError):
+    """An exported model disagrees with the PyTorch model beyond the stated tolerance (nothing is published)."""
+
+
+def check_parity(got: Any, want: Any, what: str, *, atol: float = PARITY_ATOL, rtol: float = PARITY_RTOL) -> dict:
+    """Compare an exported model's output ``got`` with PyTorch's ``want`` (tensors or arrays of the same shape).
+
+    Returns ``{"max_abs_diff", "tolerance"}``; raises :class:`ParityError` naming both when
+    ``max|got - want| > atol + rtol * max|want|`` (or when either is not finite). Called inside
+    :class:`atomic_output` blocks, so a failing export leaves no file behind."""
+    import numpy as np
+
+    g = np.asarray(got.detach().float().numpy() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
+    w = np.asarray(want.detach().float().numpy() if isinstance(want, torch.Tensor) else want, dtype=np.float64)
+    if g.shape != w.shape:
+        raise ParityError(f"{what}: output shape {g.shape} differs from PyTorch {w.shape}; nothing was written")
+    diff = float(np.abs(g - w).max()) if g.size else 0.0
+    bound = float(atol + rtol * (np.abs(w).max() if w.size else 0.0))
+    if not (diff <= bound):  # also catches NaN
+        raise ParityError(f"{what}: max |exported - PyTorch| = {diff:.3g} exceeds the tolerance {bound:.3g} "
+                          f"({atol:g} + {rtol:g} * max|PyTorch output|); the export is wrong, nothing was written")
+    return {"max_abs_diff": diff, "tolerance": bound}
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder of a directory tree (an .mlpackage), before it is renamed."""
+    paths = [path] if not path.is_dir() else [*sorted(path.rglob("*")), path]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems refuse fsync on a directory; the files are what matter
+            if not p.is_dir():
+                raise
+        finally:
+            os.close(fd)
+
+
 class atomic_output:
-    """Context manager yielding a temporary path next to ``target``; on success it is moved
+    """Context manager yielding a temporary path next to ``target``; on success it is fsynced and moved
     over ``target`` with ``os.replace`` (so a crash never leaves a half-written file)."""
 
     def __init__(self, target: str | os.PathLike, *, directory: bool = False) -> None:
@@ -92,6 +140,7 @@ class atomic_output:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
+                _fsync_tree(self.tmp)  # on disk before the rename, as utils.files.atomic_write does
                 if self.tmp.is_dir() and self.target.is_dir():
                     # os.replace cannot overwrite a non-empty directory: move the old one aside first
                     old = self._tmpdir / (self.target.name + ".old")

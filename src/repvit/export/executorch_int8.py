@@ -171,7 +171,8 @@ def quantize_executorch(
     fused, net, pre, x0 = _prepare(model, input_size, bake_preprocessing, 1)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
     calib_in = torch.from_numpy(np.ascontiguousarray(prepare_inputs(raw, pre, bake_preprocessing)))
-    held_out = None if eval_data is None else load_held_out(eval_data, pre, bake_preprocessing, num_eval, seed)
+    held_out = (None if eval_data is None
+                else load_held_out(eval_data, pre, bake_preprocessing, num_eval, seed, fused.num_classes))
     kept = keep_float_module_names(net, keep_float)
     prog, converted = xnnpack_program(net, x0, calib=calib_in, per_channel=per_channel, keep_float_modules=kept)
     result: dict[str, Any] = {"layers": _layer_precisions(converted)}
@@ -180,9 +181,10 @@ def quantize_executorch(
             f.write(prog.buffer)
         try:
             method = _runtime_method(tmp)
-        except Exception as e:   # runtime wheel parts missing: the program is still valid; say why it was not run
+        except ImportError as e:  # runtime wheel parts missing: the program is still valid; say why it was not run
             result["validation"] = {"skipped": f"executorch runtime unavailable: {e}"}
             method = None
+        # any other error loading or running the program (a broken .pte) propagates: atomic_output publishes nothing
         if method is not None:
             got = method.execute([x0])[0]
             result["validation"] = {"runtime": "executorch.runtime", "validated_batch": 1,

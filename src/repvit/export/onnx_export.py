@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import Preprocess, atomic_output, check_writable, get_preprocessing, model_info, require, write_sidecar
+from .common import (Preprocess, atomic_output, check_parity, check_writable, get_preprocessing, model_info, require,
+                     write_sidecar)
 from .source import to_deploy
 
-__all__ = ["export_onnx", "validate_onnx", "ort_session", "count_ops", "MIN_OPSET", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "validate_onnx", "ort_session", "count_ops", "onnx_opset", "MIN_OPSET", "DEFAULT_OPSET"]
 
 MIN_OPSET = 17  # LayerNorm/GELU-era opsets; ORT and Core ML converters all accept 17+
 DEFAULT_OPSET = 18
@@ -27,6 +28,18 @@ def count_ops(model_or_path: Any, op_type: str) -> int:
     n = sum(node.op_type == op_type for node in m.graph.node)
     n += sum(node.op_type == op_type for f in m.functions for node in f.node)
     return n
+
+
+def onnx_opset(model_or_path: Any) -> int:
+    """The default-domain (``ai.onnx``) opset a written ONNX model really imports (exporters and tools may
+    differ from the one requested: the dynamo exporter writes 18 when asked for 17)."""
+    onnx = require("onnx", "ONNX export")
+    m = (onnx.load(str(model_or_path), load_external_data=False) if isinstance(model_or_path, (str, os.PathLike))
+         else model_or_path)
+    for o in m.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    raise ValueError(f"{model_or_path} imports no default-domain (ai.onnx) opset")
 
 
 def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize: bool = True):
@@ -54,7 +67,10 @@ def _example_input(pre: dict[str, Any], batch: int, input_type: str | None, seed
 
 @torch.no_grad()
 def validate_onnx(path: str | os.PathLike, reference: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """ONNX checker (full, with shape inference) + ORT vs PyTorch on ``example``; returns the numbers."""
+    """ONNX checker (full, with shape inference) + ORT vs PyTorch on ``example``; returns the numbers.
+
+    Raises :class:`repvit.export.common.ParityError` when ORT and PyTorch differ beyond
+    ``PARITY_ATOL + PARITY_RTOL * max|PyTorch|`` (see :func:`repvit.export.common.check_parity`)."""
     onnx = require("onnx", "ONNX export")
     onnx.checker.check_model(str(path), full_check=True)
     sess = ort_session(path)
@@ -62,9 +78,10 @@ def validate_onnx(path: str | os.PathLike, reference: nn.Module, example: torch.
     want = reference(example).float().numpy()
     if got.shape != want.shape:
         raise RuntimeError(f"ONNX Runtime output shape {got.shape} differs from PyTorch {want.shape}")
-    diff = float(np.abs(got - want).max())
+    par = check_parity(got, want, "ONNX export (ONNX Runtime vs PyTorch)")
     return {"checker": "passed", "ort_version": require("onnxruntime", "").__version__,
-            "max_abs_diff_vs_torch": diff, "validated_batch": int(example.shape[0]),
+            "max_abs_diff_vs_torch": par["max_abs_diff"], "tolerance": par["tolerance"],
+            "validated_batch": int(example.shape[0]),
             "batchnorm_nodes": count_ops(path, "BatchNormalization"),
             "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean())}
 
@@ -137,11 +154,12 @@ def export_onnx(
         if n_bn:
             raise RuntimeError(f"exported graph still has {n_bn} BatchNormalization nodes; the model was not fused")
         info = model_info(fused, pre)
+        written_opset = onnx_opset(tmp)  # what the file imports, which may differ from the request
         if validate:
             # check a batch of 2 when the batch is dynamic: proves the symbolic axis really works
             info["validation"] = validate_onnx(tmp, net, _example_input(pre, 2 if dynamic_batch else batch_size, bake, 1))
     info.update({
-        "format": "onnx", "opset": opset, "exporter": exporter, "dynamic_batch": dynamic_batch,
+        "format": "onnx", "opset": written_opset, "opset_requested": opset, "exporter": exporter, "dynamic_batch": dynamic_batch,
         "input_name": "input", "output_name": "logits", "input_layout": "NCHW",
         "input_dtype": "uint8" if bake == "uint8" else "float32",
         "input_range": {"uint8": "0..255", "float": "0..1"}.get(bake, "normalised ((x/255 - mean) / std)"),

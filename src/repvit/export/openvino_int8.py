@@ -28,7 +28,7 @@ from .quantize import check_keep_float, classification_result, compare_fp32_int8
 from .source import to_deploy
 
 __all__ = ["quantize_openvino", "nncf_quantize", "openvino_session", "evaluate_openvino", "precision_summary",
-           "PRESETS", "DEFAULT_KEEP_FLOAT"]
+           "inference_precision", "PRESETS", "DEFAULT_KEEP_FLOAT"]
 
 PRESETS = ("performance", "mixed")
 # Everything NNCF would quantize, depthwise convolutions included, by default: on the static batch-1 IR
@@ -65,8 +65,8 @@ def nncf_quantize(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, cali
                   overflow_fix: bool | None = None) -> Path:
     """Quantize an fp32 ONNX file with NNCF on ``calib`` (N x C x H x W, one sample per step) to OpenVINO IR.
 
-    Writes ``out_xml`` and its ``.bin`` atomically (a temporary directory next to them, then rename;
-    the ``.bin`` first, so a visible ``.xml`` always has its weights).
+    Writes ``out_xml`` and its ``.bin`` via a temporary directory next to them (see :func:`_publish_ir`: a
+    visible ``.xml`` is never paired with another run's ``.bin``).
     ``overflow_fix``: NNCF's int16-saturation fix on every layer, which x86 CPUs without VNNI need; ``None``
     (default) turns it on when this CPU lacks VNNI (otherwise NNCF fixes only the first layer).
     """
@@ -105,7 +105,15 @@ def nncf_quantize(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, cali
 
 
 def _publish_ir(src_xml: Path, dst_xml: Path) -> None:
-    """Move an IR into place: the ``.bin`` first, so a visible ``.xml`` always has its weights."""
+    """Move an IR (``src_xml`` and its ``.bin``, both already on the target's filesystem) into place.
+
+    Two files cannot be swapped in one atomic step, so: remove the old ``.xml`` first, then move the new
+    ``.bin``, then the new ``.xml`` last. A crash part-way leaves no ``.xml`` at all (the IR is missing, the
+    previous one gone) - never a new ``.bin`` read through an old ``.xml`` or the reverse."""
+    for f in (src_xml, src_xml.with_suffix(".bin")):  # on disk before the renames
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    dst_xml.unlink(missing_ok=True)
     os.replace(src_xml.with_suffix(".bin"), dst_xml.with_suffix(".bin"))
     os.replace(src_xml, dst_xml)
 
@@ -132,14 +140,22 @@ def openvino_session(path: str | os.PathLike, *, threads: int | None = None, lat
     return core.compile_model(model, "CPU", cfg)
 
 
+def inference_precision(compiled: Any) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` a compiled model really runs with (``f32``, ``bf16``, ``f16``): the CPU
+    plugin defaults to bf16 on CPUs with AMX/AVX512-BF16 unless ``f32`` is asked for."""
+    v = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return v.to_string() if hasattr(v, "to_string") else str(v)
+
+
 def evaluate_openvino(path: str | os.PathLike, inputs: np.ndarray, labels: np.ndarray | None, *,
                       threads: int | None = None, precision: str | None = None) -> dict[str, Any]:
     """Top-1 (if labels) and predictions of an OpenVINO classifier, one image per request (``precision`` as in
-    :func:`openvino_session`, e.g. ``bf16``)."""
+    :func:`openvino_session`, e.g. ``f32`` or ``bf16``; ``None`` = the plugin's default, bf16 on AMX CPUs).
+    The result's ``inference_precision`` is the hint the model was compiled with."""
     compiled = openvino_session(path, threads=threads, batch=1, precision=precision)
     req = compiled.create_infer_request()
     logits = np.concatenate([np.asarray(req.infer({0: inputs[i:i + 1]})[0]) for i in range(len(inputs))])
-    return classification_result(logits, labels)
+    return {**classification_result(logits, labels), "inference_precision": inference_precision(compiled)}
 
 
 def precision_summary(compiled: Any) -> dict[str, int]:
@@ -164,8 +180,9 @@ def quantize_openvino(
     ``calib``: folder of images or ``fashion-mnist``/``digits`` (train split; ``num_calib`` images).
     ``keep_float``: groups left in float (``stem``, ``depthwise``, ``se``, ``head``); default none.
     ``preset``: ``performance`` (symmetric activations, fastest) or ``mixed`` (asymmetric activations).
-    ``eval_data``: optional held-out set; fp32 (OpenVINO, same runtime) and INT8 top-1 and their
-    agreement go into the returned dict and the sidecar.
+    ``eval_data``: optional held-out set; fp32 (OpenVINO, same runtime, ``INFERENCE_PRECISION_HINT`` f32) and INT8
+    top-1 and their agreement go into the returned dict and the sidecar, with the precision hint each ran with
+    (the INT8 model's non-INT8 layers run at the plugin default, bf16 on AMX/AVX512-BF16 CPUs).
     The IR has a static batch of 1 (see ``DEFAULT_KEEP_FLOAT`` for why); for batched serving reshape it
     statically (``model.reshape([N, C, H, W])``) before compiling.
     ``overflow_fix``: see :func:`nncf_quantize` (default: on when this x86 CPU lacks VNNI).
@@ -184,7 +201,7 @@ def quantize_openvino(
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
     calib_in = prepare_inputs(raw, pre, bake_preprocessing)
     if eval_data is not None:        # a bad --eval path fails before the (slow) quantization, not after it
-        x, y = load_held_out(eval_data, pre, bake_preprocessing, num_eval, seed)
+        x, y = load_held_out(eval_data, pre, bake_preprocessing, num_eval, seed, fused.num_classes)
     # the IR is written and checked in a staging folder next to ``out`` and moved into place only when
     # everything succeeded: an error leaves neither a new IR nor a half-replaced old one behind
     parent = out.parent if str(out.parent) else Path(".")
@@ -196,11 +213,17 @@ def quantize_openvino(
                         bake_preprocessing=bake_preprocessing, sidecar=False)
             staged = nncf_quantize(fp32, stage / out.name, calib_in, preset=preset, keep_float=keep_float,
                                    overflow_fix=overflow_fix)
-            result: dict[str, Any] = {"int8_primitives": precision_summary(openvino_session(staged, threads=threads))}
+            compiled = openvino_session(staged, threads=threads)
+            result: dict[str, Any] = {"int8_primitives": precision_summary(compiled),
+                                      "int8_inference_precision": inference_precision(compiled)}
             if eval_data is not None:
-                result["eval"] = compare_fp32_int8(evaluate_openvino(fp32, x, y, threads=threads),
-                                                   evaluate_openvino(staged, x, y, threads=threads),
-                                                   eval_data, y is not None, calib)
+                # the fp32 reference must really be f32: the CPU plugin would run it in bf16 on AMX/AVX512-BF16
+                # CPUs, and top1_fp32/top1_drop would then describe bf16
+                a = evaluate_openvino(fp32, x, y, threads=threads, precision="f32")
+                b = evaluate_openvino(staged, x, y, threads=threads)
+                result["eval"] = compare_fp32_int8(a, b, eval_data, y is not None, calib)
+                result["eval"].update({"fp32_inference_precision": a["inference_precision"],
+                                       "int8_inference_precision": b["inference_precision"]})
         _publish_ir(staged, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

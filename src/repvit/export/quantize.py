@@ -20,7 +20,7 @@ from torch import nn
 
 from .calib import load_images, normalise, source_facts
 from .common import atomic_output, check_writable, get_preprocessing, model_info, require, write_sidecar
-from .onnx_export import count_ops, export_onnx, ort_session
+from .onnx_export import count_ops, export_onnx, onnx_opset, ort_session
 from .source import to_deploy
 
 __all__ = ["quantize_onnx", "evaluate_onnx", "sensitive_nodes", "KEEP_FLOAT_CHOICES", "prepare_inputs",
@@ -107,11 +107,15 @@ def evaluate_onnx(path: str | os.PathLike, inputs: np.ndarray, labels: np.ndarra
 
 
 def load_held_out(eval_data: str | os.PathLike, pre: dict[str, Any], bake: str | bool | None, num_eval: int | None,
-                  seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+                  seed: int, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The ``--eval`` images as the graph's input, and their labels (None for an unlabelled folder).
 
-    Called before quantizing, so a bad path fails before the slow part; seeded apart from calibration."""
-    raw, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1)
+    Called before quantizing, so a bad path fails before the slow part; seeded apart from calibration.
+    ``num_classes``: the model's class count; a labelled set with another number of classes (class folders, or
+    a built-in dataset's classes) is refused, as its top-1 would be meaningless (see :func:`load_images`)."""
+    if num_eval is not None and num_eval < 1:
+        raise ValueError(f"--num-eval must be at least 1, got {num_eval}")
+    raw, labels = load_images(eval_data, pre, split="val", limit=num_eval, seed=seed + 1, num_classes=num_classes)
     return prepare_inputs(raw, pre, bake), (labels.numpy() if labels is not None else None)
 
 
@@ -175,7 +179,8 @@ def quantize_onnx(
     pre = get_preprocessing(fused, input_size)
     raw, _ = load_images(calib, pre, split="train", limit=num_calib, seed=seed)
     calib_in = prepare_inputs(raw, pre, bake_preprocessing)
-    held_out = None if eval_data is None else load_held_out(eval_data, pre, bake_preprocessing, num_eval, seed)
+    held_out = None if eval_data is None else load_held_out(eval_data, pre, bake_preprocessing, num_eval, seed,
+                                                            fused.num_classes)
 
     with tempfile.TemporaryDirectory(prefix="repvit-int8-") as td:
         fp32 = Path(td) / "fp32.onnx"
@@ -197,6 +202,7 @@ def quantize_onnx(
             )
             onnx.checker.check_model(str(tmp))
             n_q = count_ops(tmp, "QuantizeLinear")
+            written_opset = onnx_opset(tmp)  # the quantizer may raise the opset: record what the file imports
             result: dict[str, Any] = {"quantized_activation_points": n_q}
             if held_out is not None:
                 x, y = held_out
@@ -207,7 +213,8 @@ def quantize_onnx(
 
     info = model_info(fused, pre)
     info.update({
-        "format": "onnx-int8", "opset": opset, "target": f"onnxruntime {ort.__version__} QDQ static INT8",
+        "format": "onnx-int8", "opset": written_opset, "opset_requested": opset,
+        "target": f"onnxruntime {ort.__version__} QDQ static INT8",
         "quantization": {
             "format": "QDQ",
             "weights": ("uint8 asymmetric " if u8_weights else "int8 symmetric ")

@@ -29,6 +29,11 @@ def to_deploy(model: RepViT) -> RepViT:
     return fused
 
 
+def is_checkpoint_path(source: str | os.PathLike) -> bool:
+    """Whether SOURCE names an existing checkpoint file (rather than a variant name)."""
+    return Path(str(source)).expanduser().is_file()
+
+
 def _looks_like_path(source: str) -> bool:
     return os.sep in source or "/" in source or Path(source).suffix in (
         ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -44,7 +49,7 @@ def load_source(
     name (random weights; for latency work). ``model`` names the variant when the file cannot
     say (official/timm files of variants sharing widths and depths); if given and the file holds
     another variant, a clear ``ValueError`` is raised. ``num_classes``/``in_chans`` apply to
-    variant names only (a checkpoint brings its own).
+    variant names only (a checkpoint brings its own; giving them with a checkpoint is a ``ValueError``).
     """
     from ..weights.api import create_model
     from ..weights.io import read_checkpoint
@@ -52,6 +57,9 @@ def load_source(
     src = str(source)
     path = Path(src).expanduser()
     if path.is_file():
+        if num_classes is not None or in_chans is not None:
+            raise ValueError(f"num_classes/in_chans (--num-classes/--in-chans) apply to a variant name only; the "
+                             f"checkpoint {src} brings its own classifier size and input channels")
         ck = read_checkpoint(path, use_ema=use_ema)
         variant = model or ck.variant
         m = create_model(canonical_name(variant), checkpoint=path, use_ema=use_ema)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import (Preprocess, atomic_output, check_writable, get_preprocessing, installed_version, model_info,
+from .common import (Preprocess, atomic_output, check_parity, check_writable, get_preprocessing, installed_version, model_info,
                      write_sidecar)
 from .source import to_deploy
 
@@ -38,8 +38,10 @@ def _common(fused: nn.Module, pre: dict, bake: str | None, fmt: str, **extra: An
     return info
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
+def _parity(got: torch.Tensor, want: torch.Tensor, what: str) -> dict[str, float]:
+    """``{"max_abs_diff_vs_eager", "tolerance"}``; raises ParityError beyond the fp32 tolerance (common.check_parity)."""
+    par = check_parity(got, want, what)
+    return {"max_abs_diff_vs_eager": par["max_abs_diff"], "tolerance": par["tolerance"]}
 
 
 def _dynamic_shapes(dynamic_batch: bool):
@@ -60,9 +62,9 @@ def export_torchscript(
         with atomic_output(out) as tmp:
             torch.jit.save(traced, str(tmp))
             x2 = torch.cat([x, x.flip(0)]) if x.shape[0] > 1 else x.repeat(2, 1, 1, 1)
-            diff = _max_diff(torch.jit.load(str(tmp))(x2), net(x2))
+            par = _parity(torch.jit.load(str(tmp))(x2), net(x2), "TorchScript export (loaded vs eager)")
     info = _common(fused, pre, bake_preprocessing, "torchscript", target="torch.jit (traced)",
-                   validation={"max_abs_diff_vs_eager": diff, "validated_batch": 2})
+                   validation={**par, "validated_batch": 2})
     if sidecar:
         info["sidecar"] = str(write_sidecar(out, info))
     return info
@@ -85,10 +87,9 @@ def export_program(
     ep = _export(net, x, dynamic_batch)
     with atomic_output(out) as tmp:
         torch.export.save(ep, str(tmp))
-        diff = _max_diff(torch.export.load(str(tmp)).module()(x), net(x))
+        par = _parity(torch.export.load(str(tmp)).module()(x), net(x), "torch.export program (loaded vs eager)")
     info = _common(fused, pre, bake_preprocessing, "pt2", target=f"torch.export (torch {torch.__version__})",
-                   dynamic_batch=dynamic_batch,
-                   validation={"max_abs_diff_vs_eager": diff, "validated_batch": int(x.shape[0])})
+                   dynamic_batch=dynamic_batch, validation={**par, "validated_batch": int(x.shape[0])})
     if sidecar:
         info["sidecar"] = str(write_sidecar(out, info))
     return info
@@ -118,11 +119,13 @@ def export_executorch(
 
 
 def _run_pte(path: os.PathLike, net: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    """Run the .pte with the ExecuTorch Python runtime (if its native module is present) against eager."""
+    """Run the .pte with the ExecuTorch Python runtime (if its native module is present) against eager; a load or
+    run error, or a difference beyond the fp32 tolerance, raises (inside the caller's atomic block)."""
     from .executorch_int8 import _runtime_method
     try:
         method = _runtime_method(path)
     except ImportError as e:  # runtime wheel parts missing: export is still valid, say why it was not run
         return {"skipped": f"executorch runtime unavailable: {e}"}
     got = method.execute([x])[0]
-    return {"max_abs_diff_vs_eager": _max_diff(got, net(x)), "validated_batch": 1, "runtime": "executorch.runtime"}
+    return {**_parity(got, net(x), "ExecuTorch program (runtime vs eager)"), "validated_batch": 1,
+            "runtime": "executorch.runtime"}
