@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     import os
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # user-facing errors: one clear line, no traceback (set REPVIT_DEBUG=1 to see it). A RuntimeError raised
-        # outside this package (torch internals, out of memory, ...) is not ours to explain: say so, exit 1.
+    except (ValueError, OSError, RuntimeError) as e:
+        # user-facing errors: one clear line, no traceback (set REPVIT_DEBUG=1 to see it). OSError covers the
+        # file-system ones (FileNotFoundError, IsADirectoryError, PermissionError, a full disk, ...): their
+        # messages name the path and the cause. A RuntimeError raised outside this package (torch internals,
+        # out of memory, ...) is not ours to explain: say so, exit 1.
         if os.environ.get("REPVIT_DEBUG"):
             raise
         if isinstance(e, RuntimeError) and not _raised_here(e):

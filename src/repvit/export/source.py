@@ -76,7 +76,7 @@ def load_source(
             raise ValueError(f"SOURCE names variant {src} but --model says {model}; give only one")
         get_spec(src)  # unknown name -> ValueError listing the variants
         m = create_model(canonical_name(src), num_classes=1000 if num_classes is None else num_classes,
-                         in_chans=in_chans or 3)
+                         in_chans=3 if in_chans is None else in_chans)
         m._export_source = f"{canonical_name(src)} (random init)"
         m._export_source_form = "train"
     return to_deploy(m)

@@ -44,16 +44,18 @@ def build_model(
     in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
     features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3),
 ) -> RepViT | RepViTFeatures:
-    """Construct a variant with random weights (no checkpoint handling here)."""
+    """Construct a variant with random weights (no checkpoint handling here).
+
+    ``distillation=True`` with ``deploy=True`` is an error (the deploy form has one fused head);
+    with ``num_classes=0`` the setting is kept, so ``reset_classifier(n)`` later builds two heads.
+    """
     spec = get_spec(name)
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= drop_rate < 1.0:
         raise ValueError("drop_rate and drop_path_rate must lie in [0, 1)")
     model = RepViT(
-        spec, num_classes=num_classes, in_chans=in_chans, distillation=distillation and not deploy,
+        spec, num_classes=num_classes, in_chans=in_chans, distillation=distillation,
         drop_rate=drop_rate, drop_path_rate=drop_path_rate, deploy=deploy, variant=canonical_name(name),
     )
     if features_only:

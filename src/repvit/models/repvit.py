@@ -21,6 +21,7 @@ directly so fused checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+import operator
 import os
 from functools import lru_cache
 from typing import Sequence
@@ -499,10 +500,16 @@ class RepViT(nn.Module):
         variant: str | None = None,
     ) -> None:
         super().__init__()
+        _check_num_classes(num_classes)
+        if deploy and distillation:
+            raise ValueError(_DEPLOY_DISTILLATION)
         self.spec = spec
         self.variant = variant
         self.in_chans = in_chans
         self.num_classes = num_classes
+        # the requested distillation setting (train form), kept even while there is no classifier
+        # (num_classes=0), so that a later reset_classifier(n) restores the two heads
+        self._distillation = bool(distillation)
         self.drop_rate = drop_rate
         self.deploy = deploy
         # evaluation preprocessing travels with the weights (saved in checkpoint metadata)
@@ -547,8 +554,22 @@ class RepViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, distillation: bool | None = None) -> None:
-        """Replace the classifier (e.g. for fine-tuning on a new number of classes)."""
-        distillation = self.distillation if distillation is None else distillation
+        """Replace the classifier (e.g. for fine-tuning on a new number of classes).
+
+        ``num_classes=0`` removes the classifier (``forward`` returns pooled features). ``distillation``:
+        ``None`` keeps the model's setting (remembered across ``num_classes=0``, so ``reset_classifier(0)``
+        then ``reset_classifier(10)`` gives two heads again on a model built with ``distillation=True``);
+        ``True``/``False`` changes it. A deploy-form model has one fused Linear: ``distillation=True`` there
+        is an error (reset the train-form model, then ``reparameterize``).
+        """
+        _check_num_classes(num_classes)
+        if self.deploy:
+            if distillation:
+                raise ValueError(_DEPLOY_DISTILLATION)
+            distillation = False
+        else:
+            distillation = self._distillation if distillation is None else bool(distillation)
+            self._distillation = distillation
         ref = next(self.parameters())
         self.num_classes = num_classes
         self.head = make_head(self.num_features, num_classes, distillation=distillation,
@@ -571,24 +592,65 @@ class RepViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, *,
-        stop_early: bool = False, intermediates_only: bool = False,
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+        stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
     ):
-        """Return stage outputs (strides 4, 8, 16, 32) selected by ``indices``.
+        """Stage outputs (strides 4, 8, 16, 32) selected by ``indices``; timm's signature and semantics.
 
-        ``indices``: stage indices, or an int n meaning the last n stages; default all.
-        Returns ``intermediates`` if ``intermediates_only`` else ``(final_features, intermediates)``.
+        ``indices``: stage indices (negative count from the end), or an int n meaning the last n stages;
+        default all. ``norm``: accepted for timm compatibility, a no-op (RepViT has no final norm layer).
+        ``stop_early``: stop after the last selected stage (the returned final features are then that
+        stage's output). ``output_fmt``: ``"NCHW"`` or ``"NHWC"`` (intermediates permuted; the final
+        features stay NCHW, ready for ``forward_head``). Returns ``intermediates`` if
+        ``intermediates_only`` else ``(final_features, intermediates)``.
         """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take = _resolve_indices(indices, len(self.stages))
         _check_input(x, self.in_chans)
         feats = []
         x = self.stem(x)
+        # with intermediates_only the final features are not returned, so the later stages are skipped
         last = max(take) if (stop_early or intermediates_only) else len(self.stages) - 1
         for i, stage in enumerate(self.stages[: last + 1]):
             x = stage(x)
             if i in take:
-                feats.append(x)
+                feats.append(x.permute(0, 2, 3, 1) if output_fmt == "NHWC" else x)
         return feats if intermediates_only else (x, feats)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last one ``indices`` selects (as timm); returns the selected indices.
+
+        The classifier is removed (``reset_classifier(0)``) when ``prune_head`` or when stages were dropped
+        (the head no longer fits the features); ``num_features`` then follows the last kept stage.
+        ``prune_norm`` is a no-op (no final norm layer).
+        """
+        take = _resolve_indices(indices, len(self.stages))
+        last = max(take)
+        prune_end = last < len(self.stages) - 1
+        self.stages = self.stages[: last + 1]
+        if prune_end:
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take
+
+
+_DEPLOY_DISTILLATION = (
+    "distillation=True needs the train form: a deploy-form model has one fused Linear head (the two heads "
+    "averaged). Build or reset the train-form model with distillation=True, then call repvit.reparameterize"
+)
+
+
+def _check_num_classes(num_classes: int) -> None:
+    try:
+        valid = not isinstance(num_classes, bool) and operator.index(num_classes) >= 0
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"num_classes must be an integer >= 0 (0 = no classifier), got {num_classes!r}")
 
 
 def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..utils.files import atomic_write
@@ -17,12 +18,23 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}; pass a run directory written by `repvit train`")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i} is not JSON: {e}") from e
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if i == last:
+                # a run killed mid-append leaves a torn final line: plot the complete epochs before it
+                print(f"note: skipping the incomplete last line {i} of {path} (the run was likely stopped while "
+                      f"writing it): {e}", file=sys.stderr)
+                continue
+            raise ValueError(f"{path} line {i} is not a JSON object: {e}") from e
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no epochs yet; plot after the first epoch finishes")
     return rows

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..models.registry import build_model, canonical_name
-from ..models.repvit import ClassifierHead, RepViT, RepViTFeatures
+from ..models.repvit import ClassifierHead, RepViT, RepViTFeatures, _check_num_classes
 from ..reparam import reparameterize
 from . import layouts
 from .hub import download_weights, get_weights, sidecar_path
@@ -114,12 +114,14 @@ def _retarget_head(model: RepViT, num_classes: int, distillation: bool) -> None:
     """Give a freshly loaded model the requested classifier (fine-tuning)."""
     if num_classes != model.num_classes:
         model.reset_classifier(num_classes, distillation=distillation)
-    elif distillation != model.distillation and isinstance(model.head, ClassifierHead):
-        if distillation:  # start the distillation head from the class head
-            import copy
-            model.head.head_dist = copy.deepcopy(model.head.head)
-        else:
-            model.head.head_dist = None
+    elif distillation != model.distillation:
+        if isinstance(model.head, ClassifierHead):
+            if distillation:  # start the distillation head from the class head
+                import copy
+                model.head.head_dist = copy.deepcopy(model.head.head)
+            else:
+                model.head.head_dist = None
+        model._distillation = distillation  # remembered for a later reset_classifier (also with num_classes=0)
 
 
 def create_model(
@@ -140,6 +142,8 @@ def create_model(
     ``kwargs``: ``drop_rate``, ``drop_path_rate``.
     """
     name = canonical_name(name)  # unknown names raise here, listing the variants
+    if num_classes is not None:
+        _check_num_classes(num_classes)  # before any download or read: a negative count never builds a head
     source = checkpoint
     downloaded = False
     if pretrained and checkpoint is None:
@@ -147,7 +151,8 @@ def create_model(
     if source is None:
         return build_model(
             name, deploy=bool(deploy), distillation=bool(distillation),
-            num_classes=1000 if num_classes is None else num_classes, in_chans=in_chans or 3,
+            num_classes=1000 if num_classes is None else num_classes,
+            in_chans=3 if in_chans is None else in_chans,
             features_only=features_only, out_indices=out_indices, **kwargs,
         )
 
@@ -168,9 +173,14 @@ def create_model(
             f"{source} holds fused (deploy-form) weights; they cannot be un-fused, so deploy=False is impossible. "
             "Drop deploy=False, or use a train-form checkpoint."
         )
+    if distillation and info.form == "deploy":
+        raise CheckpointMismatchError(
+            f"{source} holds fused (deploy-form) weights with one Linear head; distillation=True needs the train "
+            "form. Drop distillation=True, or use a train-form checkpoint."
+        )
     model = build_model(
         name, deploy=info.form == "deploy", distillation=info.distillation, num_classes=info.num_classes,
-        in_chans=in_chans or info.in_chans, **kwargs,
+        in_chans=info.in_chans if in_chans is None else in_chans, **kwargs,
     )
     _check_variant(ck, model)
     _load_into(model, ck.state_dict, ck, strict=True)
