@@ -14,7 +14,9 @@ from repvit.data.builtin import FASHION_MNIST_DIR
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fashion_mnist.py"
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Debian fashion-mnist package not installed")
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(),
+                    reason=f"Fashion-MNIST IDX files not found in {FASHION_MNIST_DIR}: optional system data "
+                           "package, not a failure (Debian/Ubuntu: apt-get install dataset-fashion-mnist)")
 def test_parallel_main_comparison_reports_the_declared_weights(tmp_path):
     out = tmp_path / "fm"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--epochs", "0.05", "--parts", "main", "--parallel",

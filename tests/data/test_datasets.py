@@ -35,7 +35,9 @@ def test_read_idx_round_trip_and_errors(tmp_path):
         read_idx(tmp_path / "missing.gz")
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Debian fashion-mnist package not installed")
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(),
+                    reason=f"Fashion-MNIST IDX files not found in {FASHION_MNIST_DIR}: optional system data "
+                           "package, not a failure (Debian/Ubuntu: apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_from_debian_idx_files():
     d = load_fashion_mnist()
     assert d["train"][0].shape == (60000, 28, 28) and d["val"][0].shape == (10000, 28, 28)

@@ -54,9 +54,18 @@ def test_dynamic_batch(m06, tmp_path):
 
 
 def test_static_batch_rejects_other_batch(m06, tmp_path):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
     out = tmp_path / "static.onnx"
     export_onnx(m06, out, input_size=(64, 64))
-    with pytest.raises(Exception):
+    inp = ort_session(out).get_inputs()[0]
+    assert inp.shape == [1, 3, 64, 64]                      # a static batch of 1 (no symbolic batch dimension)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = m06(x).numpy()
+    got = _run(out, x.numpy())                              # batch 1 runs and agrees with PyTorch
+    assert got.shape == (1, 10)
+    np.testing.assert_allclose(got, want, atol=1e-3 * max(1.0, np.abs(want).max()), rtol=0)
+    with pytest.raises(InvalidArgument, match=r"invalid dimensions for input: input[\s\S]*index: 0 Got: 2 Expected: 1"):
         _run(out, np.zeros((2, 3, 64, 64), np.float32))
 
 

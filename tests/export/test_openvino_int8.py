@@ -4,6 +4,7 @@ leaves sensitive groups in float on request, and refuses bad options clearly."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,9 @@ def test_openvino_failed_run_leaves_no_files(tmp_path, monkeypatch):
     model.preprocessing = {"input_size": [1, 32, 32], "mean": [0.3], "std": [0.35], "interpolation": "bilinear",
                            "crop_pct": 1.0}
     out = tmp_path / "m.xml"
-    with pytest.raises(Exception):
-        ov8.quantize_openvino(model, out, calib="digits", num_calib=2, eval_data=tmp_path / "no_such_folder")
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"'{missing}' is neither an existing folder nor a built-in")):
+        ov8.quantize_openvino(model, out, calib="digits", num_calib=2, eval_data=missing)
     assert not list(tmp_path.iterdir())
 
     def broken(*a, **k):

@@ -174,6 +174,13 @@ def test_calibration_errors(tmp_path, m06):
         quantize_onnx(m06, tmp_path / "q.onnx", calib="digits", method="magic")
 
 
+def test_missing_held_out_set_is_not_called_a_calibration_source(tmp_path, m06):
+    from repvit.export.quantize import load_held_out
+    with pytest.raises(FileNotFoundError, match="neither an existing folder") as err:
+        load_held_out(tmp_path / "no_such_folder", m06.preprocessing, None, 4, 0)
+    assert "calibration" not in str(err.value) and "held-out set (--eval)" in str(err.value), str(err.value)
+
+
 def test_cli_errors(tmp_path, capsys):
     assert cli_main(["export", "repvit_m0_7", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "unknown RepViT variant" in capsys.readouterr().err

@@ -1,4 +1,8 @@
-"""Fusion is exact: fused == unfused for every variant, no BN left, idempotent, dtype/device kept."""
+"""Fusion is exact: fused == unfused for every variant, no BN left, idempotent, dtype/device kept.
+
+Parity checks use BatchNorm statistics measured on random images (``randomize_bn(calibrate=...)``) and assert
+that the reference outputs depend on the input: a net collapsed to input-independent outputs would make
+fused == unfused nearly trivially true."""
 
 import copy
 
@@ -9,33 +13,45 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repvit
 from repvit.reparam import ReparameterizationError, leftover_train_modules
-from tests.conftest import randomize_bn
+from tests.conftest import assert_input_dependent, randomize_bn
 
 ALL = repvit.list_models()
 
 
+def assert_float32_parity(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fused == unfused up to float32 rounding: with measured (realistic) BatchNorm statistics the rounding of ~50
+    layers reaches 4e-5 relative (repvit_m2_3; 5e-4 absolute on logits up to 12), while a fusion error is of order
+    1e-2 or more. Exactness itself is checked in float64 below."""
+    scale = max(1.0, ref.abs().max().item())
+    assert (out - ref).abs().max().item() <= 1e-3 * scale, ((out - ref).abs().max().item(), scale)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 3e-4, rel
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_fused_equals_unfused_float32(name):
-    m = randomize_bn(repvit.create_model(name, distillation=True, num_classes=11)).eval()
+    m = randomize_bn(repvit.create_model(name, distillation=True, num_classes=11), calibrate=64).eval()
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         ref = m(x)
         fused = repvit.reparameterize(m)
         out = fused(x)
+    assert_input_dependent(ref[0], ref[1])
     assert not any(isinstance(mod, _BatchNorm) for mod in fused.modules())
     assert leftover_train_modules(fused) == []
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert_float32_parity(out, ref)
     assert out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_fused_equals_unfused_exactly_in_float64(name):
-    m = randomize_bn(repvit.create_model(name, distillation=True, num_classes=11)).double().eval()
+    m = randomize_bn(repvit.create_model(name, distillation=True, num_classes=11), calibrate=48).double().eval()
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
     with torch.no_grad():
         ref = m(x)
         fused = repvit.reparameterize(m)
         out = fused(x)
+    assert_input_dependent(ref[0], ref[1])
     assert all(p.dtype == torch.float64 for p in fused.parameters())
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 1e-9, rel
@@ -56,13 +72,15 @@ def test_reparameterize_leaves_input_unchanged_and_is_idempotent():
 
 
 def test_deploy_form_constructed_directly_loads_fused_weights_strictly():
-    m = randomize_bn(repvit.create_model("repvit_m1_1", distillation=True)).eval()
+    m = randomize_bn(repvit.create_model("repvit_m1_1", distillation=True), calibrate=64).eval()
     fused = repvit.reparameterize(m)
     direct = repvit.create_model("repvit_m1_1", deploy=True)
     direct.load_state_dict(fused.state_dict(), strict=True)
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(direct.eval()(x), m(x), rtol=1e-4, atol=1e-4)
+        ref = m(x)
+        assert_float32_parity(direct.eval()(x), ref)
+    assert_input_dependent(ref[0], ref[1])
     assert [type(a) for a in direct.modules()] == [type(b) for b in fused.modules()]
 
 
@@ -74,13 +92,15 @@ def test_low_precision_dtype_preserved(dtype):
 
 
 def test_features_only_backbone_fuses():
-    m = randomize_bn(repvit.create_model("repvit_m0_9", features_only=True)).eval()
-    x = torch.randn(1, 3, 64, 64)
+    m = randomize_bn(repvit.create_model("repvit_m0_9", features_only=True), calibrate=64).eval()
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = m(x)
         out = repvit.reparameterize(m)(x)
+    assert len(out) == len(ref) == 4
     for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert_float32_parity(a, b)
+        assert_input_dependent(b[0], b[1])
 
 
 def test_unfusable_batchnorm_raises_instead_of_being_dropped():
@@ -93,12 +113,14 @@ def test_unfusable_batchnorm_raises_instead_of_being_dropped():
 
 
 def test_fusion_uses_running_stats_not_batch_stats():
-    m = randomize_bn(repvit.create_model("repvit_m0_6", num_classes=3))
+    m = randomize_bn(repvit.create_model("repvit_m0_6", num_classes=3), calibrate=64)
     m.train()  # reparameterize must still produce the eval-mode function
     x = torch.randn(2, 3, 64, 64)
     fused = repvit.reparameterize(m)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), m.eval()(x), rtol=1e-4, atol=1e-4)
+        ref = m.eval()(x)
+        assert_float32_parity(fused(x), ref)
+    assert_input_dependent(ref[0], ref[1])
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -116,7 +138,8 @@ def test_fused_model_exports(name):
 
 
 def _sync_bn_model() -> nn.Module:
-    m = randomize_bn(repvit.create_model("repvit_m0_6", distillation=True, num_classes=7), seed=3).double()
+    m = randomize_bn(repvit.create_model("repvit_m0_6", distillation=True, num_classes=7), seed=3, calibrate=48)
+    m = m.double()
     return nn.SyncBatchNorm.convert_sync_batchnorm(m).eval()
 
 
@@ -131,6 +154,7 @@ def test_syncbatchnorm_model_fuses_exactly():
         ref = s(x)  # SyncBatchNorm in eval mode runs on CPU without a process group
         fused = repvit.reparameterize(s)
         out = fused(x)
+    assert_input_dependent(ref[0], ref[1])
     assert not any(isinstance(mod, _BatchNorm) for mod in fused.modules())
     assert repvit.reparam.is_deploy_form(fused)
     rel = ((out - ref).norm() / ref.norm()).item()

@@ -15,6 +15,23 @@ from repvit.train.config import TrainConfig, apply_overrides, config_from_dict, 
 from repvit.train.recipes import IMAGENET_VARIANTS, list_recipes, load_recipe, recipe_dict
 
 
+# RepViT reference sheet, training_recipe_official (paper arXiv 2307.09283 / official repo): the values the ImageNet
+# recipes must equal, copied here so the check runs (and fails) on any clone, with or without the sheet.
+OFFICIAL = {
+    "epochs": 300,
+    "alt_epochs": 450,
+    "batch_per_gpu": 256,
+    "gpus": 8,
+    "lr": "1e-3 * total_batch / 512 (4e-3 at 2048)",
+    "optimizer": "AdamW, eps 1e-8, weight decay 0.025 (no decay on norm/bias)",
+    "schedule": "cosine, 5 warmup epochs from 1e-6, min lr 1e-5",
+    "clip_grad": "adaptive gradient clipping (unit-wise), factor 0.02",
+    "ema": 0.99996,
+    "amp": True,
+    "augment": "RandomResizedCrop 224 bicubic, hflip, RandAugment rand-m9-mstd0.5-inc1, random erasing p=0.25 pixel "
+               "mode, mixup 0.8, cutmix 1.0, label smoothing 0.1, repeated augmentation x3",
+}
+# where the sheet lives on the development machine; when present, the copy above must still equal it
 REF = Path("/work/shared/reference/repvit_reference.json")
 
 
@@ -38,16 +55,20 @@ def test_imagenet_recipes_exist_for_all_nine_variants_and_schedules():
                 assert cfg.model.distillation == bool(suffix)
 
 
-@pytest.mark.skipif(not REF.exists(), reason="reference sheet not available")
 def test_imagenet_recipes_equal_official_defaults():
-    off = json.loads(REF.read_text())["training_recipe_official"]
+    off = OFFICIAL
+    if REF.exists():   # the copy has not drifted from the sheet (no skip without it: the copy is the reference)
+        sheet = json.loads(REF.read_text())["training_recipe_official"]
+        assert {k: sheet[k] for k in OFFICIAL} == OFFICIAL
     total = off["batch_per_gpu"] * off["gpus"]
     lr_factor = float(re.match(r"([\d.e-]+) \* total_batch / (\d+)", off["lr"]).group(1))
     lr_div = int(re.match(r"([\d.e-]+) \* total_batch / (\d+)", off["lr"]).group(2))
     wd = float(re.search(r"weight decay ([\d.]+)", off["optimizer"]).group(1))
     warm = re.search(r"(\d+) warmup epochs from ([\d.e-]+), min lr ([\d.e-]+)", off["schedule"])
     aa = re.search(r"(rand-[\w.-]+)", off["augment"]).group(1)
-    for name in (n for n in list_recipes() if re.match(r"repvit_m.*_\d+e", n)):
+    names = [n for n in list_recipes() if re.match(r"repvit_m.*_\d+e", n)]
+    assert len(names) == 9 * 2 * 2      # 9 variants x (300, 450 epochs) x (plain, distilled)
+    for name in names:
         c = load_recipe(name)
         assert c.global_batch() == total == 2048
         assert c.run.batch_size == off["batch_per_gpu"]

@@ -27,7 +27,7 @@ from repvit.data import GlobalBatchSampler
 from repvit.data.folder import validate_image_folder
 from repvit.train import train
 
-from trainhelpers import ROOT, cli_env, free_port, load_state, recording_optimization, tiny_config
+from trainhelpers import ROOT, cli_env, free_port, load_state, tiny_config
 
 N_PER_CLASS, GB, BS, SEED = 32, 16, 4, 0
 SET = [f"run.global_batch={GB}", f"run.batch_size={BS}", "run.max_steps_per_epoch=3", "schedule.epochs=1",
@@ -95,21 +95,28 @@ def test_micro_batch_of_one_is_refused(tmp_path):
         train(tiny_config(f"data.dataset={root}", *SET, "run.global_batch=4", "run.batch_size=1"), tmp_path / "run")
 
 
+# lr schedule of the 1- vs 2-process comparison: linear warmup from 0 over all 3 updates, so update 0 steps with lr 0
+# (its gradient is applied with a zero step), update 1 has no data (no step) and update 2 steps with lr 0.05 * 2 / 3.
+# Every gradient is thus computed at the initial weights on both sides, and the weights after update 2 show a real
+# update with lr > 0 (SGD, momentum 0.9: update 0's gradient enters it through the momentum buffer).
+RAMP = ["optim.lr=0.05", "schedule.warmup_epochs=1", "schedule.warmup_lr=0.0"]
+
+
 def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path, monkeypatch):
     """2 processes x 2 micro-steps == 1 process x 4 micro-steps, update by update, with empty micro-batches.
 
-    Compared as the gradients handed to each optimizer step, at lr 0 so that every update of both runs sees the
-    same weights: comparing weights after real steps instead was at the mercy of the CPU's kernels (BatchNorm over
-    3-4 samples on the 1x1-2x2 maps of this 16x16 toy input, with near-zero batch variance in some channels,
-    turns summation-order rounding after the first update into gradient gaps of percents with oneDNN's AVX-512
-    depthwise kernels; docs/training.md)."""
+    Compared as the gradients handed to each optimizer step, all computed at the same (initial) weights (RAMP),
+    and as the weights after the one update with lr > 0: comparing weights after several real steps instead was
+    at the mercy of the CPU's kernels (BatchNorm over 3-4 samples on the 1x1-2x2 maps of this 16x16 toy input,
+    with near-zero batch variance in some channels, turns summation-order rounding after the first update into
+    gradient gaps of percents with oneDNN's AVX-512 depthwise kernels; docs/training.md). No forward pass runs
+    after the lr > 0 step, so the final weights differ only by that step's rounding."""
     import repvit.train.loop as loop
 
     root = _dataset(tmp_path / "ds")
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(Path(__file__).with_name("ddp_capture_worker.py")), str(ddp), f"data.dataset={root}", *SET,
-           "optim.lr=0.0"]
+           str(Path(__file__).with_name("ddp_capture_worker.py")), str(ddp), f"data.dataset={root}", *SET, *RAMP]
     try:
         p = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:  # a deadlock (NCCL) hangs: fail instead of hanging the suite
@@ -120,12 +127,31 @@ def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path, monkeypatch)
     assert len(g0) == len(g1) == 2                      # update 1 has no readable image on any rank: no step
     for a, b in zip(g0, g1):                            # every rank steps with the same all-reduced gradient
         assert set(a) == set(b) and all(torch.equal(a[n], b[n]) and torch.isfinite(a[n]).all() for n in a)
+    p0, p1 = (torch.load(ddp / f"params_rank{r}.pt") for r in (0, 1))
+    assert set(p0) == set(p1) and all(torch.equal(p0[n], p1[n]) for n in p0)   # the ranks' weights stay equal
 
-    # the same run in one process (4 micro-steps per update), its gradients recorded the same way
-    single: list = []
-    monkeypatch.setattr(loop, "build_optimization", recording_optimization(loop.build_optimization, single))
-    train(tiny_config(f"data.dataset={root}", *SET, "optim.lr=0.0"), tmp_path / "single")
+    # the same run in one process (4 micro-steps per update), its gradients, lrs and weights recorded per step
+    single, lrs, before = [], [], []
+
+    def optimization(c, model, **k):
+        opt, sched = loop_build(c, model, **k)
+        real_step = opt.step
+
+        def step(*sa, **sk):
+            single.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            before.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            lrs.append(opt.param_groups[0]["lr"])
+            return real_step(*sa, **sk)
+        opt.step = step
+        return opt, sched
+
+    loop_build = loop.build_optimization
+    monkeypatch.setattr(loop, "build_optimization", optimization)
+    train(tiny_config(f"data.dataset={root}", *SET, *RAMP), tmp_path / "single")
     assert len(single) == 2
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.05 * 2 / 3)    # the ramp the comparison relies on
+    for n in before[0]:                                  # both gradients were computed at the initial weights
+        assert torch.equal(before[0][n], before[1][n]), n
     for update, (mine, theirs) in enumerate(zip(single, g0)):
         theirs = {n.removeprefix("module."): g for n, g in theirs.items()}     # DDP wraps the model
         assert set(mine) == set(theirs)
@@ -133,6 +159,17 @@ def test_ddp_rank_with_an_empty_micro_batch_does_not_hang(tmp_path, monkeypatch)
         got = torch.cat([theirs[n].flatten() for n in mine]).double()
         # summation order gives ~1e-6 relative; counting an empty or short micro-batch wrongly is >= 1/12 off
         assert (got - want).norm() <= 1e-4 * want.norm(), (update, float((got - want).norm() / want.norm()))
+
+    # the weights after the lr > 0 update: the change each run made to the initial weights agrees
+    w_single = load_state(tmp_path / "single")["model"]
+    names = sorted(before[0])
+    assert {n.removeprefix("module.") for n in p0} == set(names)
+    p0 = {n.removeprefix("module."): w for n, w in p0.items()}
+    w0 = torch.cat([before[0][n].flatten() for n in names]).double()
+    d_single = torch.cat([w_single[n].flatten() for n in names]).double() - w0
+    d_ddp = torch.cat([p0[n].flatten() for n in names]).double() - w0
+    assert d_single.norm() > 1e-3 * w0.norm()            # a real step was taken
+    assert (d_ddp - d_single).norm() <= 1e-4 * d_single.norm(), float((d_ddp - d_single).norm() / d_single.norm())
 
 
 def test_sync_bn_skips_a_micro_step_some_rank_has_no_data_for_on_all_ranks(tmp_path):

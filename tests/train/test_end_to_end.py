@@ -40,6 +40,23 @@ def test_short_run_writes_the_run_directory_contract(tmp_path, capsys):
     assert "repvit-format checkpoint" in out and "timm-format" not in out
 
 
+def test_four_epoch_digits_run_learns(tmp_path):
+    """Fast (about 10 s): the loop really learns. 4 epochs of 22 updates on 16x16 digits reach about 95-97 %
+    top-1 on all 359 validation images (chance: 10 %), and the training loss falls every epoch.
+
+    Not fewer epochs: the validation accuracy lags far behind the training loss until the cosine schedule's last,
+    low-lr epoch (BatchNorm's running statistics trail weights that still move fast; measured: near chance after
+    2 epochs, 23-60 % after 3 of 4, 95-97.5 % after the 4th for seeds 0-2)."""
+    res = train(tiny_config("schedule.epochs=4", "data.max_val_samples=null"), tmp_path / "run")
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    losses = [r["train_loss"] for r in rows]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses      # measured 1.35, 0.69, 0.61, 0.58
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert rows[-1]["val_top1"] > 60.0, rows[-1]                       # 5x chance; measured 95-97.5
+    assert res.best_top1 > 60.0 and res.deploy_top1 is not None and res.deploy_top1 > 60.0, res.summary
+
+
 @pytest.mark.slow
 def test_digits_run_reaches_90_percent_and_writes_everything(tmp_path, capsys):
     run = tmp_path / "run"

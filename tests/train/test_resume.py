@@ -25,6 +25,14 @@ def _same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def _same_optimizer(a: dict, b: dict) -> None:
+    """AdamW's moments and step counts of every parameter, and the param groups (lr, decay), bit for bit."""
+    assert a["state"] and a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        _same(a["state"][k], b["state"][k])
+    assert a["param_groups"] == b["param_groups"]
+
+
 def _metrics(run) -> list[dict]:
     import json
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -71,6 +79,8 @@ def test_crash_after_checkpoint_then_resume_is_exact(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 6
     _same(a["model"], b["model"])
     _same(a["ema"], b["ema"])
+    _same_optimizer(a["optimizer"], b["optimizer"])
+    assert a["scheduler"] == b["scheduler"]
     from safetensors.torch import load_file
     _same(load_file(ref / "best.safetensors"), load_file(run / "best.safetensors"))
 
@@ -105,9 +115,7 @@ def test_kill_and_resume_ends_with_identical_weights(tmp_path):
     assert a["step"] == b["step"] == 6
     _same(a["model"], b["model"])
     _same(a["ema"], b["ema"])
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    for k in a["optimizer"]["state"]:
-        _same(a["optimizer"]["state"][k], b["optimizer"]["state"][k])
+    _same_optimizer(a["optimizer"], b["optimizer"])
     epochs = _metrics(run)
     assert len(epochs) == 2   # no duplicated epoch lines after the resume
     _same_metrics(_metrics(ref), epochs)   # the resumed epoch's train_loss and counts cover the whole epoch

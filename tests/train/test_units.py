@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from repvit.models import build_model
+from repvit.train import train
 from repvit.train.distill import DistillationLoss, FrozenTeacher, teacher_targets
 from repvit.train.loop import build_optimization
 from repvit.train.recipes import load_recipe
+
+from trainhelpers import tiny_config
 
 
 @pytest.mark.parametrize("world, accum", [(8, 1), (1, 8)])
@@ -265,3 +268,82 @@ def test_ensemble_input_mismatch_names_the_member():
     note = teacher_input_mismatch(TeacherEnsemble([a, b]), {"mean": [0.5], "std": [0.5]})
     assert note is not None and note.startswith("member 1:") and "member 0" not in note
     assert teacher_input_mismatch(TeacherEnsemble([a, a]), {"mean": [0.5], "std": [0.5]}) is None
+
+
+# ---- the loop's own clipping and EMA (the two tests above check timm's functions, these check that the loop uses
+# them as configured)
+
+def _recording_run(tmp_path, monkeypatch, name: str, *overrides: str) -> list[dict]:
+    """Train ``tiny_config(*overrides)``; per optimizer step: the weights it starts from, the gradients it steps
+    with, and the model's state (parameters and buffers) right after it."""
+    import repvit.train.loop as loop
+    real_build, steps = loop.build_optimization, []
+
+    def build(cfg, model, **kw):
+        opt, sched = real_build(cfg, model, **kw)
+        real_step = opt.step
+
+        def step(*a, **k):
+            rec = {"w": {n: p.detach().clone() for n, p in model.named_parameters()},
+                   "g": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}
+            out = real_step(*a, **k)
+            rec["after"] = {n: t.detach().clone() for n, t in model.state_dict().items()}
+            steps.append(rec)
+            return out
+        opt.step = step
+        return opt, sched
+
+    monkeypatch.setattr(loop, "build_optimization", build)
+    train(tiny_config(*overrides), tmp_path / name)
+    monkeypatch.setattr(loop, "build_optimization", real_build)
+    return steps
+
+
+def _agc_by_hand(g: torch.Tensor, w: torch.Tensor, clip: float, eps: float = 1e-3) -> torch.Tensor:
+    """Unit-wise adaptive gradient clipping (Brock et al. 2021, NFNets): each output unit's gradient norm is capped
+    at clip * max(its weight norm, eps); vectors (norms, biases) count as one unit."""
+    def unit_norm(t):
+        return t.norm() if t.ndim <= 1 else t.flatten(1).norm(dim=1).view(-1, *[1] * (t.ndim - 1))
+    gn, cap = unit_norm(g), clip * unit_norm(w).clamp_min(eps)
+    return torch.where(gn > cap, g * (cap / gn.clamp_min(1e-6)), g)
+
+
+def test_loop_clips_gradients_with_agc(tmp_path, monkeypatch):
+    """optim.clip_mode=agc: the gradient the optimizer steps with is the unclipped one (same seed, clip_mode=none)
+    clipped unit-wise against the weights, and the clipping really changed it."""
+    one = ["schedule.epochs=1", "run.max_steps_per_epoch=1"]
+    agc = _recording_run(tmp_path, monkeypatch, "agc", *one, "optim.clip_mode=agc", "optim.clip_grad=0.02")
+    raw = _recording_run(tmp_path, monkeypatch, "none", *one, "optim.clip_mode=none")
+    assert len(agc) == len(raw) == 1
+    (a,), (r,) = agc, raw
+    assert a["w"].keys() == r["w"].keys() and all(torch.equal(a["w"][n], r["w"][n]) for n in a["w"])
+    assert a["g"].keys() == r["g"].keys() and len(a["g"]) > 10
+    clipped = 0
+    for n, g in a["g"].items():
+        want = _agc_by_hand(r["g"][n], a["w"][n], 0.02)
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-9, msg=n)
+        clipped += not torch.equal(want, r["g"][n])
+    assert clipped >= 20, (clipped, len(a["g"]))       # measured: AGC 0.02 clips 70 of 256 tensors here
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_loop_updates_the_ema_with_the_configured_decay(tmp_path, monkeypatch, warmup):
+    """The EMA in last.pt after 3 updates is the average of the loop's own weights after each update, with
+    ema.decay=0.9 as timm's ModelEmaV3 applies it at update k (the loop passes the update count): decay 0 at
+    k = 1 (the average starts from the first update's weights), then 0.9, or with ema.warmup
+    min(0.9, 1 - k'^(-2/3)) for k' = k (timm's warmup, gamma 1, power 2/3)."""
+    steps = _recording_run(tmp_path, monkeypatch, "run", "schedule.epochs=1", "run.max_steps_per_epoch=3",
+                           "ema.enabled=true", "ema.decay=0.9", f"ema.warmup={str(warmup).lower()}")
+    assert len(steps) == 3
+    decays = [0.0] + [min(0.9, 1 - k ** (-2 / 3)) if warmup else 0.9 for k in (2, 3)]
+    ema = None
+    for d, s in zip(decays, steps):
+        w = {n: t.double() for n, t in s["after"].items() if t.is_floating_point()}
+        ema = w if ema is None else {n: d * ema[n] + (1 - d) * w[n] for n in w}
+    got = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["ema"]
+    assert set(ema) <= set(got)
+    for n in ema:
+        torch.testing.assert_close(got[n].double(), ema[n], rtol=1e-5, atol=1e-6, msg=n)
+    # the EMA really lags: it is not simply the last weights
+    last = steps[-1]["after"]
+    assert any(not torch.allclose(got[n], last[n], atol=1e-4) for n in ema)

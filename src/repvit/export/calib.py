@@ -163,10 +163,12 @@ def load_images(
     if path.is_dir():
         return _folder_images(path, pre, limit, seed, num_classes)
     if key is None:
+        # split names the role: 'train' images calibrate (--calib), 'val' images are the held-out check (--eval)
+        role = "calibration source (--calib)" if split == "train" else "held-out set (--eval)"
         if path.exists():
-            raise ValueError(f"{source} is a file; calibration needs a folder of images or a built-in dataset "
+            raise ValueError(f"{source} is a file; the {role} must be a folder of images or a built-in dataset "
                              f"name ({', '.join(BUILTIN)})")
-        raise FileNotFoundError(f"calibration source {str(source)!r} is neither an existing folder nor a built-in "
+        raise FileNotFoundError(f"{role} {str(source)!r} is neither an existing folder nor a built-in "
                                 f"dataset ({', '.join(BUILTIN)})")
     _check_class_count(key, _BUILTIN_CLASSES[key], num_classes, "a built-in dataset")
     x, y = _builtin_arrays(key, split)
