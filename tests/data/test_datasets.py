@@ -50,6 +50,48 @@ def test_fashion_mnist_missing_falls_back_to_digits_with_notice(tmp_path):
     assert len(b.train) + len(b.val) == 1797
 
 
+def _ignored_notes(bundle) -> list[str]:
+    return [n for n in bundle.notes if "does not apply" in n]
+
+
+def test_builtin_names_the_recipe_settings_it_does_not_apply_once():
+    """An ImageNet recipe on a built-in: RandAugment, colour jitter, crop scale, erasing mode, bicubic/timm eval
+    crop and 3-value normalisation have no effect there, and one notice says so; the built-in recipes get none."""
+    from repvit.train.recipes import load_recipe
+    for name in ("digits", "fashion_mnist"):
+        cfg = load_recipe(name)
+        assert _ignored_notes(build_data(cfg.data, cfg.aug, train=True)) == [], name
+    cfg = load_recipe("repvit_m0_9_300e")          # auto_augment rand-m9-..., color_jitter 0.4
+    cfg.data.dataset, cfg.data.img_size = "digits", 16
+    notes = _ignored_notes(build_data(cfg.data, cfg.aug, train=True))
+    assert len(notes) == 1 and "built-in dataset digits" in notes[0]
+    assert "aug.auto_augment=rand-m9-mstd0.5-inc1" in notes[0] and "aug.color_jitter=0.4" in notes[0]
+    for key in ("aug.scale", "aug.remode", "data.interpolation", "data.eval_crop", "data.mean"):
+        assert key not in notes[0]
+    data = DataConfig(dataset="digits", img_size=16, interpolation="lanczos", eval_crop="timm",
+                      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    aug = AugConfig(auto_augment=None, color_jitter=0.0, scale=(0.5, 1.0), remode="const")
+    notes = _ignored_notes(build_data(data, aug, train=True))
+    assert len(notes) == 1
+    for part in ("aug.scale=[0.5, 1.0]", "aug.remode=const", "data.interpolation=lanczos", "data.eval_crop=timm",
+                 "data.mean=[0.485, 0.456, 0.406] (all but the first value)", "data.std=[0.229, 0.224, 0.225]"):
+        assert part in notes[0], part
+    assert "auto_augment" not in notes[0] and "color_jitter" not in notes[0]
+    # evaluation (train=False) has no augmentation to ignore: only the data settings are named
+    ev = _ignored_notes(build_data(data, AugConfig(), train=False))
+    assert len(ev) == 1 and "data.eval_crop=timm" in ev[0] and "aug." not in ev[0]
+
+
+def test_the_loop_logs_the_builtin_notice(tmp_path):
+    from repvit.train import train
+    from trainhelpers import tiny_config
+    lines: list[str] = []
+    train(tiny_config("aug.color_jitter=0.3", "schedule.epochs=1", "run.global_batch=8", "run.batch_size=8",
+                      "run.max_steps_per_epoch=1", "data.max_train_samples=16", "data.max_val_samples=8",
+                      "ema.enabled=false"), tmp_path / "run", log_fn=lines.append)
+    assert sum("does not apply aug.color_jitter=0.3" in ln for ln in lines) == 1
+
+
 def test_digits_split_is_deterministic_and_disjoint():
     a, b = load_digits(), load_digits()
     assert np.array_equal(a["val"][0], b["val"][0]) and len(a["train"][0]) == 1438

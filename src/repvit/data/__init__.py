@@ -69,6 +69,45 @@ def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
     return sub
 
 
+# the built-ins' own pipeline: pad-crop, flip and erasing on a single-channel tensor, bilinear resize, no eval crop.
+# A setting that differs from these values (and from the recipe defaults that mean the same) has no effect on them.
+_BUILTIN_SCALE = (0.08, 1.0)
+_BUILTIN_REMODE = "pixel"
+_BUILTIN_INTERPOLATIONS = ("bicubic", "bilinear")   # the config default, and what the built-ins do
+_BUILTIN_EVAL_CROP = "official"
+
+
+def _ignored_by_builtin(name: str, data: Any, aug: Any, *, train: bool) -> str | None:
+    """The notice listing settings that ``name`` (a built-in) does not apply, or None when every one is at its
+    neutral value (e.g. an ImageNet recipe run on fashion-mnist: its RandAugment and colour jitter are dropped)."""
+    ignored = []
+    if train:
+        if getattr(aug, "auto_augment", None) not in (None, "", "none"):
+            ignored.append(f"aug.auto_augment={aug.auto_augment}")
+        if getattr(aug, "color_jitter", 0.0):
+            ignored.append(f"aug.color_jitter={aug.color_jitter}")
+        scale = tuple(float(v) for v in getattr(aug, "scale", _BUILTIN_SCALE))
+        if scale != _BUILTIN_SCALE:
+            ignored.append(f"aug.scale={list(scale)}")
+        if getattr(aug, "remode", _BUILTIN_REMODE) != _BUILTIN_REMODE:
+            ignored.append(f"aug.remode={aug.remode}")
+    if getattr(data, "interpolation", "bilinear") not in _BUILTIN_INTERPOLATIONS:
+        ignored.append(f"data.interpolation={data.interpolation}")
+    if getattr(data, "eval_crop", _BUILTIN_EVAL_CROP) != _BUILTIN_EVAL_CROP:
+        ignored.append(f"data.eval_crop={data.eval_crop}")
+    for key in ("mean", "std"):
+        v = getattr(data, key, None)
+        if v and len(v) > 1:
+            ignored.append(f"data.{key}={list(v)} (all but the first value)")
+    if not ignored:
+        return None
+    how = "it resizes bilinearly without an evaluation crop and normalises its one channel with a single mean/std"
+    if train:
+        how += (", and augments only with aug.pad_crop, aug.hflip and aug.reprob (the loop adds mixup/cutmix, "
+                "label smoothing and repeated augmentation)")
+    return f"NOTICE: the built-in dataset {name} does not apply {', '.join(ignored)}: {how}"
+
+
 def _builtin(name: str, data: Any, aug: Any, *, train: bool, fallback: bool = True) -> DataBundle:
     notes = []
     if name == "fashion-mnist":
@@ -83,6 +122,9 @@ def _builtin(name: str, data: Any, aug: Any, *, train: bool, fallback: bool = Tr
             name, splits, classes = "digits", load_digits(), tuple(str(i) for i in range(10))
     else:
         splits, classes = load_digits(), tuple(str(i) for i in range(10))
+    ignored = _ignored_by_builtin(name, data, aug, train=train)
+    if ignored:
+        notes.append(ignored)
     x_tr = splits["train"][0].astype(np.float32) / 255.0
     # normalisation statistics of the training images (stored with the checkpoint's preprocessing)
     mean = tuple(float(m) for m in data.mean) if data.mean else (round(float(x_tr.mean()), 4),)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["register", "resolve_train_config"]
+__all__ = ["register", "resolve_train_config", "default_run_dir"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "default: fashion_mnist")
     p.add_argument("--data", help="dataset: built-in name (fashion-mnist, digits) or a path (ImageNet layout, "
                                   ".tar, ...); overrides data.dataset")
-    p.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
+    p.add_argument("--out", help="run directory (default: runs/<recipe>-<time>; under torchrun: "
+                                 "runs/<recipe>-<rdzv id> with --rdzv-id or --standalone, else required)")
     p.add_argument("--epochs", type=int, help="override schedule.epochs")
     p.add_argument("--seed", type=int, help="override run.seed")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (or from a given "
@@ -102,13 +103,29 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    out = args.out or f"runs/{Path(args.recipe or DEFAULT_RECIPE).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or default_run_dir(args.recipe or DEFAULT_RECIPE)
     if (Path(out) / "last.pt").exists():
         raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     from .loop import train
     res = train(cfg, out)
     _print_summary(res)
     return 0
+
+
+def default_run_dir(recipe: str) -> str:
+    """``runs/<recipe>-<time>`` for one process. Under torchrun (WORLD_SIZE > 1) every rank must name the same
+    directory, and their clocks need not agree: ``runs/<recipe>-<TORCHELASTIC_RUN_ID>`` when torchrun was given a
+    ``--rdzv-id`` (or ``--standalone``, which sets one), else a ValueError asking for ``--out``."""
+    import os
+    import re
+    stem = Path(recipe).stem
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "").strip()
+        if run_id.lower() != "none" and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", run_id):
+            return f"runs/{stem}-{run_id}"     # torchrun --standalone sets a uuid shared by its workers
+        raise ValueError("under torchrun every process must write the same run directory: pass --out DIR (or "
+                         "give torchrun --rdzv-id ID or --standalone: the directory is then runs/<recipe>-<rdzv id>)")
+    return f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _print_summary(res) -> None:

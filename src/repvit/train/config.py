@@ -158,6 +158,26 @@ class TrainConfig:
                         ("data.img_size", self.data.img_size), ("aug.repeated_aug", self.aug.repeated_aug)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        for name, v in (("run.global_batch", self.run.global_batch), ("optim.lr_base_batch", self.optim.lr_base_batch),
+                        ("run.max_steps_per_epoch", self.run.max_steps_per_epoch), ("run.threads", self.run.threads)):
+            if v is not None and not v >= 1:
+                optional = "" if name == "optim.lr_base_batch" else " (or null)"
+                raise ValueError(f"{name} must be >= 1{optional}, got {v}")
+        for name, v in (("optim.base_lr", self.optim.base_lr), ("optim.lr", self.optim.lr),
+                        ("optim.weight_decay", self.optim.weight_decay), ("schedule.min_lr", self.schedule.min_lr),
+                        ("schedule.warmup_lr", self.schedule.warmup_lr), ("run.keep_last", self.run.keep_last),
+                        ("run.checkpoint_every_steps", self.run.checkpoint_every_steps),
+                        ("data.num_workers", self.data.num_workers), ("aug.color_jitter", self.aug.color_jitter),
+                        ("aug.mixup", self.aug.mixup), ("aug.cutmix", self.aug.cutmix),
+                        ("aug.pad_crop", self.aug.pad_crop)):
+            if v is not None and not v >= 0:          # NaN too
+                raise ValueError(f"{name} must be >= 0, got {v}")
+        for name, v in (("aug.hflip", self.aug.hflip), ("aug.reprob", self.aug.reprob),
+                        ("aug.mixup_prob", self.aug.mixup_prob), ("aug.mixup_switch_prob", self.aug.mixup_switch_prob),
+                        ("aug.smoothing", self.aug.smoothing), ("model.drop_rate", self.model.drop_rate),
+                        ("model.drop_path_rate", self.model.drop_path_rate)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
         if self.run.global_batch is not None and self.run.global_batch % self.run.batch_size:
             raise ValueError(f"run.global_batch ({self.run.global_batch}) must be a multiple of run.batch_size "
                              f"({self.run.batch_size}) so gradient accumulation can fill it")
@@ -178,7 +198,9 @@ class TrainConfig:
         return self.optim.base_lr * self.global_batch(world_size) / self.optim.lr_base_batch
 
     def global_batch(self, world_size: int = 1) -> int:
-        return self.run.global_batch or self.run.batch_size * world_size
+        if self.run.global_batch is not None:
+            return self.run.global_batch
+        return self.run.batch_size * world_size
 
     def accum_steps(self, world_size: int = 1) -> int:
         per_step = self.run.batch_size * world_size

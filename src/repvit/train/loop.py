@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -250,9 +251,22 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
     run_dir = Path(out_dir)
     di = init_distributed(cfg.run.device)
     try:
+        # the batch layout first of all: a launch whose process count does not divide the global batch (e.g. 2x8
+        # processes for a recipe made for 8) fails now, not after the dataset is read and the teacher downloaded
+        _check_batch_layout(cfg, state, di.world_size)
         return _train(cfg, run_dir, state, di, log_fn, t_start, resumed_from=resumed_from, changes=changes)
     finally:
         cleanup()
+
+
+def _check_batch_layout(cfg: TrainConfig, state: dict | None, world: int) -> None:
+    """Raise the ValueError of ``cfg.accum_steps`` if ``world`` processes cannot fill the global batch (on resume of
+    a run without run.global_batch: the saved run's batch_size x world, as the loop uses below)."""
+    if state is not None and cfg.run.global_batch is None:
+        saved = dataclasses.replace(cfg.run, global_batch=cfg.run.batch_size * int(state.get("world_size", world)))
+        dataclasses.replace(cfg, run=saved).accum_steps(world)
+    else:
+        cfg.accum_steps(world)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, log_fn, t_start: float, *,
