@@ -40,6 +40,15 @@ process), so only the data, not the initial weights, match that mode exactly.
 The trained raw and EMA weights of every main-comparison model are saved next to the results as
 ``<model>.safetensors`` and ``<model>_ema.safetensors`` (RepViT ones load with ``repvit.load_checkpoint``;
 others are timm state dicts), e.g. for ``benchmarks/int8_accuracy.py``.
+
+``--set KEY=VALUE`` accepts only the recipe keys this script uses (``HONOURED_OVERRIDES``; anything else, e.g.
+``model.drop_path_rate`` or ``aug.mixup``, is refused instead of being recorded without effect). The schedule is
+fixed by the script: cosine over the planned updates with a linear warm-up over the first 5% of them.
+
+``--teacher-ckpt`` must record the same input size and normalisation as this run's data (the teacher sees the
+student's batches); a ``best.safetensors`` of ``repvit train`` (metadata ``train_best``) was chosen on the
+validation split, which for Fashion-MNIST is the test set: the run warns and records
+``teacher_selected_on_test_split``.
 """
 
 from __future__ import annotations
@@ -71,6 +80,95 @@ from repvit.train.distill import DistillationLoss, FrozenTeacher  # noqa: E402
 from repvit.train.evaluate import evaluate  # noqa: E402
 from repvit.train.recipes import load_recipe  # noqa: E402
 
+WARMUP_FRACTION = 0.05   # linear lr warm-up over this share of the planned updates (the recipe's epochs are unused)
+
+# The recipe keys ``--set`` may change: those the code below (Trainer, side_by_side) and build_data's built-in
+# Fashion-MNIST/digits pipeline actually read. Every other key would be recorded in the results but have no effect
+# (the models are built by name, the schedule, EMA warm-up, loss, clipping mode and memory format are fixed here);
+# the batch size, resolution and lr have their own flags.
+HONOURED_OVERRIDES = {
+    "optim.opt": "optimizer name (timm create_optimizer_v2)",
+    "optim.lr": "peak learning rate (as --lr)",
+    "optim.weight_decay": "weight decay",
+    "optim.clip_grad": "gradient-norm clipping threshold (null: no clipping; the mode is always norm)",
+    "schedule.min_lr": "final lr of the cosine",
+    "schedule.warmup_lr": "lr at the start of the warm-up",
+    "ema.decay": "EMA decay (always with timm's decay warm-up)",
+    "aug.smoothing": "label smoothing",
+    "aug.hflip": "horizontal-flip probability",
+    "aug.reprob": "random-erasing probability",
+    "aug.pad_crop": "pad-and-random-crop pixels",
+    "data.mean": "normalisation mean (first value)",
+    "data.std": "normalisation std (first value)",
+    "data.max_train_samples": "training subset size (null: all)",
+    "data.max_val_samples": "test subset size (null: all)",
+    "data.download_dir": "folder holding the Fashion-MNIST IDX files",
+    "run.seed": "seed of the batch order and augmentation (model initialisation is always seeded 0)",
+}
+
+
+def check_overrides(overrides: list[str]) -> list[str]:
+    """The ``--set`` items, if every key is one this script honours; a ValueError lists the others and the keys
+    allowed (a refused key would otherwise be recorded as applied while changing nothing)."""
+    bad = []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. aug.reprob=0), got {item!r}")
+        key = item.split("=", 1)[0].strip()
+        if key not in HONOURED_OVERRIDES:
+            bad.append(key)
+    if bad:
+        hint = {"run.batch_size": "--batch", "run.global_batch": "--batch", "data.img_size": "--res"}
+        flags = [f"{k}: use {hint[k]}" for k in bad if k in hint]
+        raise ValueError(
+            f"--set {', '.join(bad)}: not used by this script, so the run would record the override without "
+            f"applying it{' (' + '; '.join(flags) + ')' if flags else ''}. The keys it honours: "
+            + "; ".join(f"{k} [{v}]" for k, v in HONOURED_OVERRIDES.items()))
+    return list(overrides)
+
+
+def preprocessing_mismatch(pre: dict, data_pre: dict) -> str | None:
+    """How a checkpoint's recorded preprocessing (input size, mean, std) differs from the run's data, or None."""
+    diffs = []
+    a, b = [int(v) for v in pre.get("input_size") or []], [int(v) for v in data_pre["input_size"]]
+    if a and a != b:
+        diffs.append(f"input size {a} but this run's data is {b}")
+    for key in ("mean", "std"):
+        x, y = pre.get(key), data_pre.get(key)
+        if x is not None and y is not None and (
+                len(x) != len(y) or any(abs(float(u) - float(v)) > 1e-3 for u, v in zip(x, y))):
+            diffs.append(f"{key} {[round(float(u), 4) for u in x]} but this run's data uses "
+                         f"{[round(float(v), 4) for v in y]}")
+    return "; ".join(diffs) or None
+
+
+def check_teacher(path: str, data_pre: dict, log) -> dict:
+    """Facts about an external teacher checkpoint, after checking its preprocessing against the run's data.
+
+    A recorded input size or mean/std that differs from ``data_pre`` raises ValueError (the teacher is fed the
+    student's batches). A ``train_best`` record (a ``best.safetensors`` of ``repvit train``) means the weights were
+    picked on the validation split - the test set for Fashion-MNIST: warned about and recorded, not refused."""
+    from repvit.weights.io import read_checkpoint
+    meta = read_checkpoint(path).metadata
+    pre = meta.get("preprocessing")
+    facts: dict = {"teacher_preprocessing_checked": isinstance(pre, dict)}
+    if isinstance(pre, dict):
+        diff = preprocessing_mismatch(pre, data_pre)
+        if diff:
+            raise ValueError(f"--teacher-ckpt {path} was trained with other inputs: it records {diff}. The teacher "
+                             "sees this run's batches; run with the teacher's --res (and data), or use a teacher "
+                             "trained on this run's inputs")
+    else:
+        log(f"warning: --teacher-ckpt {path} records no preprocessing; its input size and normalisation cannot be "
+            "checked against this run's data")
+    best = meta.get("train_best")
+    if best:
+        log(f"warning: --teacher-ckpt {path} carries a train_best record ({best}): it was selected as the best "
+            "epoch on the validation split, which for Fashion-MNIST is the test set the students are scored on")
+        facts["teacher_selected_on_test_split"] = True
+        facts["teacher_train_best"] = best
+    return facts
+
 
 class Trainer:
     """One model + its optimizer/schedule/EMA, built from the same recipe for every model compared."""
@@ -84,7 +182,7 @@ class Trainer:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.opt = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.lr(), weight_decay=cfg.optim.weight_decay)
-        warm = max(1, int(total_updates * 0.05))
+        warm = max(1, int(total_updates * WARMUP_FRACTION))
         self.sched = CosineLRScheduler(self.opt, t_initial=total_updates, lr_min=cfg.schedule.min_lr,
                                        warmup_t=warm, warmup_lr_init=cfg.schedule.warmup_lr, t_in_epochs=False)
         self.ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=True)
@@ -109,7 +207,8 @@ class Trainer:
             raise RuntimeError(f"{self.name}: non-finite loss at update {self.step_n + 1}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.step_n += 1
         self.ema.update(self.model, step=self.step_n)
@@ -207,11 +306,13 @@ def side_by_side(trainers: list[Trainer], bundle, cfg: TrainConfig, epochs: floa
         loader = DataLoader(bundle.train, batch_sampler=sampler, collate_fn=bundle.collate,
                             generator=torch.Generator().manual_seed(epoch))
         it = iter(loader)
+        in_epoch = 0
         while True:
             try:
                 x, y, _ = data_rng.next(it)
             except StopIteration:
                 break
+            in_epoch += 1
             order = trainers if done % 2 == 0 else trainers[::-1]   # alternate who goes first
             for t in order:
                 t.step(x, y)
@@ -224,6 +325,8 @@ def side_by_side(trainers: list[Trainer], bundle, cfg: TrainConfig, epochs: floa
         epoch += 1
         if progress is not None and done < total:
             row = {"epoch": epoch, "updates": done}
+            if in_epoch < len(sampler):   # cut off by the deadline: not a whole epoch
+                row["partial"] = True
             for t in trainers:
                 r = evaluate(t.ema.module, bundle.val, device=torch.device("cpu"), batch_size=256, channels_last=t.cl)
                 row[t.name] = {"ema_top1": r["top1"], "train_s": round(t.busy_s, 1)}
@@ -297,9 +400,14 @@ def merge_progress(per_arm: list[list[dict]]) -> list[dict]:
     rows: dict[int, dict] = {}
     for arm_rows in per_arm:
         for row in arm_rows:
-            rows.setdefault(row["epoch"], {"epoch": row["epoch"], "updates": row["updates"]}).update(
-                {k: v for k, v in row.items() if k not in ("epoch", "updates")})
+            merged = rows.setdefault(row["epoch"], {"epoch": row["epoch"], "updates": row["updates"]})
+            merged.update({k: v for k, v in row.items() if k not in PROGRESS_KEYS})
+            if row.get("partial"):      # any arm cut off by its deadline makes the joined row partial
+                merged["partial"] = True
     return [rows[e] for e in sorted(rows)]
+
+
+PROGRESS_KEYS = ("epoch", "updates", "partial")   # the keys of a progress row that are not model names
 
 
 def speed(args, log) -> dict:
@@ -310,7 +418,7 @@ def speed(args, log) -> dict:
 
     def make(kind: str) -> tuple[nn.Module, torch.optim.Optimizer]:
         m = build_model("repvit_m0_9", num_classes=10, in_chans=1) if kind == "ours" else \
-            timm.create_model("repvit_m0_9", num_classes=10, in_chans=1)
+            timm.create_model("repvit_m0_9", num_classes=10, in_chans=1, distillation=False)   # one head, as ours
         return m, torch.optim.AdamW(m.parameters(), 1e-3)
 
     def step(m, opt, cl: bool, bf16: bool) -> float:
@@ -370,7 +478,7 @@ def speed(args, log) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-minutes", type=float, default=60.0,
                     help="training-time budget of RepViT-M0.9 in the main comparison (MobileNetV3-L gets the same "
@@ -406,7 +514,16 @@ def main() -> int:
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing fashion_mnist.json in --out-dir (otherwise the run refuses to start)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        check_overrides(args.overrides)
+        cfg = apply_overrides(load_recipe("fashion_mnist_full"), [
+            f"data.img_size={args.res}", f"run.batch_size={args.batch}", f"run.global_batch={args.batch}",
+            f"data.max_train_samples={6000 if args.quick else 'null'}",
+            f"data.max_val_samples={2000 if args.quick else 'null'}",
+            *([f"optim.lr={args.lr}"] if args.lr else []), *args.overrides])
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out_dir = Path(args.out_dir)
@@ -421,14 +538,17 @@ def main() -> int:
     def log(msg: str) -> None:
         print(f"[{(time.time() - t_start) / 60:5.1f} min]{' ' + args.tag if args.tag else ''} {msg}", flush=True)
 
-    cfg = apply_overrides(load_recipe("fashion_mnist_full"), [
-        f"data.img_size={args.res}", f"run.batch_size={args.batch}", f"run.global_batch={args.batch}",
-        f"data.max_train_samples={6000 if args.quick else 'null'}",
-        f"data.max_val_samples={2000 if args.quick else 'null'}",
-        *([f"optim.lr={args.lr}"] if args.lr else []), *args.overrides])
     bundle = build_data(cfg.data, cfg.aug, seed=0)
     if bundle.name != "fashion-mnist":
         log("NOTICE: Fashion-MNIST IDX files not found; results are on digits")
+    parts = args.parts.split(",")
+    teacher_facts: dict = {}
+    if "distill" in parts and args.teacher_ckpt:   # before any training: a mismatched teacher stops the run now
+        try:
+            teacher_facts = check_teacher(args.teacher_ckpt, bundle.preprocessing,
+                                          log if not args.arms else (lambda msg: None))   # the parent warns
+        except ValueError as e:
+            ap.error(str(e))
     steps_per_epoch = len(bundle.train) // args.batch
     results: dict = {"settings": {"quick": args.quick, "res": args.res, "batch": args.batch, "threads": args.threads,
                                   "train_images": len(bundle.train), "val_images": len(bundle.val),
@@ -437,8 +557,13 @@ def main() -> int:
                                   "parallel": args.parallel, "overrides": args.overrides,
                                   "aug": {"reprob": cfg.aug.reprob, "smoothing": cfg.aug.smoothing,
                                           "hflip": cfg.aug.hflip, "pad_crop": cfg.aug.pad_crop},
-                                  "weight_decay": cfg.optim.weight_decay, "ema_decay": cfg.ema.decay}}
-    parts = args.parts.split(",")
+                                  "weight_decay": cfg.optim.weight_decay, "ema_decay": cfg.ema.decay,
+                                  "warmup_fraction": WARMUP_FRACTION}}
+
+    def arms_in_processes() -> None:
+        # --parallel: the arms train in 1-thread processes; --threads is then only this process's (the speed
+        # part, the teacher trained here with --teacher-threads aside)
+        results["settings"].update(threads=1, parent_threads=args.threads)
 
     def save() -> None:
         tmp = out_dir / ".fashion_mnist.json.tmp"
@@ -475,6 +600,7 @@ def main() -> int:
         log(f"part main: {' vs '.join(names)}, {ep:.2f} epochs = {total} updates each"
             + (", one process (core) per model" if args.parallel else ""))
         if args.parallel and len(names) > 1:
+            arms_in_processes()
             subs = run_parallel(args, "main", names, ep, out_dir / "_parallel", log)
             results["main"] = [row for sub in subs for row in sub["main"]]
             results["main_progress"] = merge_progress([sub.get("main_progress", []) for sub in subs])
@@ -520,6 +646,7 @@ def main() -> int:
     def ablation(part: str, default_arms: list[str]) -> list[dict]:
         todo = arms or default_arms
         if args.parallel and len(todo) > 1:
+            arms_in_processes()
             subs = run_parallel(args, part, todo, abl_epochs, out_dir / "_parallel", log)
             return [row for sub in subs
                     for row in (sub[part]["students"] if part == "distill" else sub[part])]
@@ -541,7 +668,9 @@ def main() -> int:
             t_eval = evaluate(repvit.create_model(args.teacher, checkpoint=args.teacher_ckpt), bundle.val,
                               device=torch.device("cpu"), batch_size=256)
             results["distill"] = {"teacher_eval": {"model": args.teacher, "checkpoint": args.teacher_ckpt,
-                                                   "top1": t_eval["top1"], "top5": t_eval["top5"]}}
+                                                   "top1": t_eval["top1"], "top5": t_eval["top5"], **teacher_facts}}
+            if teacher_facts.get("teacher_selected_on_test_split"):
+                results["distill"]["teacher_selected_on_test_split"] = True
             log(f"teacher top-1 {t_eval['top1']:.2f} %")
             results["distill"]["students"] = ablation("distill", kd_arms)
         else:
@@ -557,7 +686,8 @@ def main() -> int:
             teacher_model = teacher_t.ema.module if t_res["weights"] == "ema" else teacher_t.model
             args.teacher_ckpt = str(out_dir / "_parallel" / "distill" / "teacher.safetensors")
             Path(args.teacher_ckpt).parent.mkdir(parents=True, exist_ok=True)
-            repvit.save_checkpoint(copy.deepcopy(teacher_model), args.teacher_ckpt)
+            # with this run's preprocessing: the per-arm processes check it against their data
+            repvit.save_checkpoint(copy.deepcopy(teacher_model), args.teacher_ckpt, preprocessing=bundle.preprocessing)
             results["distill"] = {"teacher": t_res, "students": ablation("distill", kd_arms)}
         save()
 
@@ -570,7 +700,8 @@ def main() -> int:
 def render_md(r: dict) -> str:
     s = r["settings"]
     out = [f"Fashion-MNIST ({s['dataset']}, {s['train_images']} train / {s['val_images']} test images, "
-           f"{s['res']}x{s['res']}, batch {s['batch']}, lr {s.get('lr', 0.002)}, {s['threads']} thread(s), "
+           f"{s['res']}x{s['res']}, batch {s['batch']}, lr {s.get('lr', 0.002)}, {s['threads']} thread(s)"
+           f"{' per arm process' if 'parent_threads' in s else ''}, "
            f"quick={s['quick']})"
            + (f"; recipe overrides: {', '.join(s['overrides'])}" if s.get("overrides") else ""), ""]
 
@@ -586,11 +717,12 @@ def render_md(r: dict) -> str:
         table(r["main"])
     if r.get("main_progress"):
         out.append("**Main, EMA top-1 at epoch ends**")
-        names = [k for k in r["main_progress"][0] if k not in ("epoch", "updates")]
+        names = [k for k in r["main_progress"][0] if k not in PROGRESS_KEYS]
         out.append("| epoch | " + " | ".join(names) + " |")
         out.append("|---|" + "---|" * len(names))
         for row in r["main_progress"]:
-            out.append(f"| {row['epoch']} | " + " | ".join(
+            epoch = f"{row['epoch']} (partial: cut by the deadline)" if row.get("partial") else row["epoch"]
+            out.append(f"| {epoch} | " + " | ".join(
                 f"{row[n]['ema_top1']:.2f} ({row[n]['train_s']:.0f} s)" for n in names) + " |")
         out.append("")
     if "reparam" in r:
@@ -600,7 +732,8 @@ def render_md(r: dict) -> str:
         teacher = r["distill"].get("teacher", {}).get("model", "a larger teacher")
         if "teacher_eval" in r["distill"]:
             te = r["distill"]["teacher_eval"]
-            teacher = f"{te['model']} ({Path(te['checkpoint']).name}, test top-1 {te['top1']:.2f} %)"
+            teacher = f"{te['model']} ({Path(te['checkpoint']).name}, test top-1 {te['top1']:.2f} %"
+            teacher += ", weights selected on the test split)" if te.get("teacher_selected_on_test_split") else ")"
         out.append(f"**Ablation: hard distillation from {teacher} trained first**")
         table([*([r["distill"]["teacher"]] if "teacher" in r["distill"] else []), *r["distill"]["students"]])
     if "speed" in r:

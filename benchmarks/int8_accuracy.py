@@ -16,6 +16,18 @@ turn) and reported as median and spread, with speed-ups as ratios to the best fp
         --checkpoint fashion-mnist=benchmarks/results/main_2threads/repvit_m0_9_ema.safetensors
 
 Writes benchmarks/results/int8_accuracy.json and .md (or --out-dir).
+
+The cached model (``--ckpt-dir``/``<dataset>_<variant>_<img>.safetensors``) records how it was trained (dataset,
+variant, input size, seed, --train-seconds, the loop's result; metadata ``int8_bench_train``). A rerun reuses it only
+when the requested settings are the same (else it stops: pass --retrain, or the cached run's settings), logs the reuse
+and reports the record as ``train`` with ``cached: true``. --train-more continues it (same dataset, variant, input
+size and seed; its own --train-seconds budget) and appends the session to ``train.more``; a later plain rerun with
+the first run's --train-seconds reuses that model.
+
+--checkpoint files must record their preprocessing: 1 input channel, the dataset's mean/std (that of its training
+images) and, when --img is given, that input size; otherwise the run stops before any work. A ``best.safetensors``
+of ``repvit train`` (metadata ``train_best``) was chosen on the validation split, which is the held-out split
+measured here: the run warns and records ``checkpoint_selected_on_test_split``.
 """
 
 from __future__ import annotations
@@ -59,6 +71,9 @@ try:  # ExecuTorch (XNNPACK) rows when executorch is installed (pip install 'rep
 except Exception:  # noqa: BLE001 - any import failure just drops the ExecuTorch rows
     HAVE_EXECUTORCH = False
 
+TRAIN_META_KEY = "int8_bench_train"   # cached checkpoint metadata: how train_model trained it (see training_request)
+REQUEST_KEYS = ("dataset", "variant", "img", "seed", "train_seconds")   # settings a cached model must match
+
 # recipes compared: name -> quantize_onnx keyword arguments
 RECIPES = {
     "int8 per-tensor": dict(per_channel=False),
@@ -78,17 +93,31 @@ ET_RECIPES = {
 }
 
 
+def _norm_stats(x_u8: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of uint8 training images scaled to [0, 1] (the normalisation saved with the checkpoint)."""
+    x = x_u8.float()
+    return float(x.mean() / 255), float(x.std() / 255)
+
+
+def dataset_stats(dataset: str) -> tuple[float, float]:
+    """The normalisation of a built-in dataset's training images, rounded as saved (4 decimals)."""
+    x_np, _ = _builtin_arrays(dataset, "train")
+    mean, std = _norm_stats(torch.from_numpy(np.ascontiguousarray(x_np)))
+    return round(mean, 4), round(std, 4)
+
+
 def train_model(dataset: str, variant: str, img: int, seconds: float, ckpt: Path, seed: int = 0,
-                resume: bool = False) -> dict:
+                resume: bool = False, metadata=None) -> dict:
     """Minimal CPU training loop (AdamW, cosine over a time-estimated step budget, label smoothing).
 
-    ``resume``: start from the weights already in ``ckpt`` (a second budget on a slow machine)."""
+    ``resume``: start from the weights already in ``ckpt`` (a second budget on a slow machine).
+    ``metadata``: given the returned facts, extra metadata to store in ``ckpt``."""
     torch.manual_seed(seed)
     x_np, y_np = _builtin_arrays(dataset, "train")
     x_u8 = torch.from_numpy(np.ascontiguousarray(x_np))
     y_all = torch.from_numpy(np.asarray(y_np, dtype=np.int64))
     # normalisation statistics of the training images, saved with the checkpoint's preprocessing
-    mean, std = float(x_u8.float().mean() / 255), float(x_u8.float().std() / 255)
+    mean, std = _norm_stats(x_u8)
     model = (repvit.create_model(variant, checkpoint=ckpt) if resume and ckpt.exists()
              else repvit.create_model(variant, num_classes=int(y_all.max()) + 1, in_chans=1))
     model.preprocessing = {"input_size": [1, img, img], "mean": [round(mean, 4)], "std": [round(std, 4)],
@@ -142,9 +171,116 @@ def train_model(dataset: str, variant: str, img: int, seconds: float, ckpt: Path
         for m in bns:
             m.momentum = 0.1
     model.eval()
-    repvit.save_checkpoint(model, ckpt)
-    return {"steps": step, "batch": bs, "seconds": round(elapsed, 1), "epochs": round(step * bs / len(y_all), 2),
+    info = {"steps": step, "batch": bs, "seconds": round(elapsed, 1), "epochs": round(step * bs / len(y_all), 2),
             "final_loss": round(statistics.mean(losses[-20:]), 4)}
+    repvit.save_checkpoint(model, ckpt, metadata=metadata(info) if metadata else None)
+    return info
+
+
+def training_request(ds: str, args) -> dict:
+    """The training settings a run asks of the cached model for ``ds``."""
+    return {"dataset": ds, "variant": args.variant, "img": args.img, "seed": args.seed,
+            "train_seconds": args.train_seconds_digits if ds == "digits" else args.train_seconds}
+
+
+def read_train_record(ckpt: Path) -> dict | None:
+    """The training record train_model stored in a cached checkpoint (None: none, e.g. an older cache file)."""
+    from safetensors import safe_open
+    with safe_open(str(ckpt), framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get(TRAIN_META_KEY)
+    try:
+        rec = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def cache_path(ds: str, args) -> Path:
+    return Path(args.ckpt_dir) / f"{ds}_{args.variant}_{args.img}.safetensors"
+
+
+def check_cached(ds: str, args) -> dict | None:
+    """The cached model's training record, if the run will use or continue it; raises ValueError when that model
+    was trained with settings other than the requested ones (or records none). None: the run trains anew."""
+    ckpt = cache_path(ds, args)
+    if not ckpt.exists() or args.retrain:
+        return None
+    rec = read_train_record(ckpt)
+    if rec is None:
+        raise ValueError(f"cached checkpoint {ckpt} records no training settings (written before they were recorded): "
+                         f"pass --retrain to train it anew, or --checkpoint {ds}={ckpt} to benchmark it as an "
+                         "external checkpoint")
+    want = training_request(ds, args)
+    # --train-more gives the cached model another budget of --train-seconds: only what it continues must match
+    keys = [k for k in REQUEST_KEYS if not (args.train_more and k == "train_seconds")]
+    diff = [f"{k} {rec.get(k)!r} (requested {want[k]!r})" for k in keys if rec.get(k) != want[k]]
+    if diff:
+        raise ValueError(f"cached checkpoint {ckpt} was trained with other settings: {'; '.join(diff)}. Pass "
+                         "--retrain to train it anew with the requested ones, rerun with the cached run's settings, "
+                         "or choose another --ckpt-dir")
+    return rec
+
+
+def prepare_cached(ds: str, args) -> tuple[Path, dict, bool]:
+    """(checkpoint, training record, reused) of the model trained and cached by this script for ``ds``: reused
+    when the requested settings match its record (check_cached), trained (further, with --train-more) otherwise."""
+    ckpt = cache_path(ds, args)
+    rec = check_cached(ds, args)
+    if rec is not None and not args.train_more:
+        print(f"[{ds}] reusing cached {ckpt} (trained: {json.dumps(rec)}); --retrain trains it anew", flush=True)
+        return ckpt, rec, True
+    want = training_request(ds, args)
+    more = rec is not None        # --train-more on a matching cached model
+    print(f"[{ds}] training {args.variant} at {args.img}x{args.img}{' further' if more else ''} ...", flush=True)
+
+    def record(info: dict) -> dict:
+        nonlocal rec
+        if more:
+            rec = {**rec, "more": [*rec.get("more", []), {"train_seconds": want["train_seconds"], **info}]}
+        else:
+            rec = {**want, **info}
+        return {TRAIN_META_KEY: rec}
+    info = train_model(ds, args.variant, args.img, want["train_seconds"], ckpt, seed=args.seed, resume=more,
+                       metadata=record)
+    print(f"[{ds}] trained: {info}", flush=True)
+    return ckpt, rec, False
+
+
+def check_external(ds: str, path: Path, img: int | None) -> dict:
+    """Facts about a --checkpoint file after checking its recorded preprocessing against ``ds``: 1 input channel,
+    the mean/std of the dataset's training images and, when ``img`` is given, that input size (ValueError
+    otherwise). A ``train_best`` record (picked on the validation split, the held-out split measured here) is
+    warned about and recorded."""
+    from repvit.weights.io import read_checkpoint
+    if not path.is_file():
+        raise ValueError(f"--checkpoint {ds}={path}: no such file")
+    meta = read_checkpoint(path).metadata
+    pre = meta.get("preprocessing")
+    if not isinstance(pre, dict):
+        raise ValueError(f"--checkpoint {ds}={path} records no preprocessing (input size, mean/std), so this script "
+                         "would feed it 224x224 images normalised with the generic defaults; use a repvit checkpoint "
+                         "saved with its data's preprocessing (repvit train, benchmarks/fashion_mnist.py)")
+    diffs = []
+    size = [int(v) for v in pre.get("input_size") or []]
+    if size and size[0] != 1:
+        diffs.append(f"{size[0]} input channels (the {ds} images have 1)")
+    if img is not None and size and size[1:] != [img, img]:
+        diffs.append(f"input size {'x'.join(map(str, size[1:]))} (--img {img})")
+    for key, want in zip(("mean", "std"), dataset_stats(ds)):
+        got = pre.get(key)
+        if not got or len(got) != 1 or abs(float(got[0]) - want) > 1e-3:
+            diffs.append(f"{key} {got} (the {ds} training images: [{want}])")
+    if diffs:
+        raise ValueError(f"--checkpoint {ds}={path} was trained with other inputs than this run's {ds} data: it "
+                         f"records {'; '.join(diffs)}")
+    facts: dict = {"preprocessing_checked": True}
+    best = meta.get("train_best")
+    if best:
+        print(f"[{ds}] warning: {path} carries a train_best record ({best}): it was selected as the best epoch on "
+              f"the validation split, the held-out {ds} split measured here, so its accuracy is optimistic",
+              flush=True)
+        facts.update(checkpoint_selected_on_test_split=True, checkpoint_train_best=best)
+    return facts
 
 
 def _machine() -> str:
@@ -172,17 +308,13 @@ def time_interleaved(runners: dict, repeats: int, iters: int) -> dict:
 
 
 def bench_dataset(ds: str, args, workdir: Path) -> dict:
-    ckpt = Path(args.ckpt_dir) / f"{ds}_{args.variant}_{args.img}.safetensors"
-    train_info = None
+    facts: dict = {}
     if ds in args.checkpoint:             # trained elsewhere: use as is (variant and input size from the file)
-        ckpt = args.checkpoint[ds]
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"--checkpoint {ds}={ckpt}: no such file")
-    elif not ckpt.exists() or args.retrain or args.train_more:
-        print(f"[{ds}] training {args.variant} at {args.img}x{args.img} ...", flush=True)
-        secs = args.train_seconds_digits if ds == "digits" else args.train_seconds
-        train_info = train_model(ds, args.variant, args.img, secs, ckpt, resume=args.train_more)
-        print(f"[{ds}] trained: {train_info}", flush=True)
+        ckpt, train_info, cached = args.checkpoint[ds], None, False
+        facts = (getattr(args, "external_facts", {}).get(ds)
+                 or check_external(ds, ckpt, args.img if getattr(args, "img_given", True) else None))
+    else:
+        ckpt, train_info, cached = prepare_cached(ds, args)
     model = model_from_checkpoint(ckpt)   # variant (and input size) from the file, cached or given
     fused = to_deploy(model)
     pre = fused.preprocessing
@@ -278,16 +410,17 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
         speed[f"batch{b}"] = t
         print(f"[{ds}] batch {b}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in t.items()), flush=True)
     return {"checkpoint": str(ckpt), "variant": getattr(fused, "variant", args.variant),
-            "train": train_info, "eval_images": int(len(x)), "accuracy": rows,
+            "train": train_info, "cached": cached, **facts, "eval_images": int(len(x)), "accuracy": rows,
             "speed": speed, "preprocessing": pre}
 
 
 def speed_by_size(args, workdir: Path) -> dict:
     """fp32 vs INT8 (per-channel) latency of the Fashion-MNIST model at larger inputs (speed only)."""
     ds = args.datasets[0] if args.datasets else "fashion-mnist"
-    ckpt = Path(args.ckpt_dir) / f"{ds}_{args.variant}_{args.img}.safetensors"
+    ckpt = cache_path(ds, args)
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt} not found: run the accuracy benchmark first")
+    print(f"[speed] cached {ckpt} (trained: {json.dumps(read_train_record(ckpt))})", flush=True)
     out = {}
     torch.set_num_threads(args.threads)
     for size in args.speed_sizes:
@@ -349,7 +482,10 @@ def to_markdown(res: dict) -> str:
                 cells.append(f"{s['speedup_vs_best_fp32']:.2f}x" if s else "-")
             lines.append("| " + " | ".join(cells) + " |")
         if r["train"]:
-            lines += ["", f"Training: {r['train']}"]
+            lines += ["", f"Training{' (cached checkpoint, trained by an earlier run)' if r.get('cached') else ''}: "
+                          f"{r['train']}"]
+        if r.get("checkpoint_selected_on_test_split"):
+            lines += ["", f"Note: the checkpoint was selected on this held-out split ({r['checkpoint_train_best']})."]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -358,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["fashion-mnist", "digits"])
     ap.add_argument("--variant", default="repvit_m0_9")
-    ap.add_argument("--img", type=int, default=64)
+    ap.add_argument("--img", type=int, default=None,
+                    help="input size of the trained model (default 64); with --checkpoint, the file's input size "
+                         "is used and must equal --img when given")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training run (recorded with the cached model)")
     ap.add_argument("--train-seconds", type=float, default=600, help="training budget for fashion-mnist")
     ap.add_argument("--train-seconds-digits", type=float, default=180, help="training budget for digits")
     ap.add_argument("--retrain", action="store_true", help="train from scratch even if a checkpoint is cached")
@@ -384,6 +523,20 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint = {k: Path(v).expanduser() for k, v in (c.split("=", 1) for c in args.checkpoint)}
     except ValueError:
         ap.error("--checkpoint takes DATASET=PATH, e.g. fashion-mnist=run/best.safetensors")
+    if args.retrain and args.train_more:
+        ap.error("--retrain (from scratch) and --train-more (continue the cached model) exclude each other")
+    args.img_given, args.img = args.img is not None, args.img or 64
+    args.external_facts = {}
+    if not args.speed_sizes:
+        try:   # before any work: a mismatched external or cached checkpoint stops the run now
+            for ds in args.datasets:
+                if ds in args.checkpoint:
+                    args.external_facts[ds] = check_external(ds, args.checkpoint[ds],
+                                                             args.img if args.img_given else None)
+                else:
+                    check_cached(ds, args)
+        except ValueError as e:
+            ap.error(str(e))
     torch.set_num_threads(args.threads)
     Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
     out = Path(args.out_dir)

@@ -69,11 +69,18 @@ def pair(variant: str, workdir: Path) -> tuple[torch.nn.Module, torch.nn.Module,
     return ours_f, theirs_f, facts
 
 
+# what "median", "min" and "max" of an arm's milliseconds are: one order (one phase) keeps every timed iteration
+# (repvit.bench.timing.latency_stats); pooled orders keep only each round's median, so their statistics are over those
+STAT_PER_ITERATION = "per-iteration times"
+STAT_ROUND_MEDIANS = "per-round medians of both orders"
+
+
 def pool(arms: list[dict]) -> dict:
     """One arm's statistics over several phases: per-round medians concatenated, median and range over them (the
     per-iteration samples are not kept); each phase's own statistics are kept under ``phases``."""
     rounds = [r for st in arms for r in st["round_medians"]]
     return {"median": float(statistics.median(rounds)), "min": float(min(rounds)), "max": float(max(rounds)),
+            "statistic": STAT_ROUND_MEDIANS, "n_rounds": len(rounds),
             "n": sum(st["n"] for st in arms), "round_medians": rounds, "phases": arms}
 
 
@@ -98,7 +105,7 @@ def measure(args: argparse.Namespace) -> dict:
     rows = []
     for v in args.variants:
         for rt in args.runtimes:
-            a, b = stats[f"{v}|ours|{rt}"], stats[f"{v}|timm|{rt}"]
+            a, b = ({**stats[f"{v}|{who}|{rt}"], "statistic": STAT_PER_ITERATION} for who in ("ours", "timm"))
             ratio = paired_ratio(a, b)
             rows.append({"variant": v, "runtime": rt, "ours_ms": a, "timm_ms": b, **ratio,
                          "ratio_by_first": {args.first: ratio["ratio"]}, "target": "<= 1.0", **facts[v]})
@@ -159,13 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     res = measure_both_orders(args, _strip(argv, "--first", "--json", "--markdown")) if args.first == "both" \
         else measure(args)
     rows = res["rows"]
+    pooled = args.first == "both"
+    statistic = STAT_ROUND_MEDIANS if pooled else STAT_PER_ITERATION
     out = {"schema": "repvit.latency_vs_timm/1", "machine": res["machine"],
            "settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "batch": 1,
-                        "first": args.first, "input_size": [224, 224]}, "results": rows}
-    order = "in both orders (one fresh process each, pooled)" if args.first == "both" else f"{args.first} first"
+                        "first": args.first, "input_size": [224, 224], "ms_statistic": statistic}, "results": rows}
+    order = "in both orders (one fresh process each, pooled)" if pooled else f"{args.first} first"
+    what = (f"ours/timm ms: median of the {2 * args.rounds} per-round medians ({args.iters} iterations each) of both "
+            "orders" if pooled else
+            f"ours/timm ms: median of all {args.rounds * args.iters} per-iteration times")
+    label = "median of round medians, ms" if pooled else "median ms"
     md = [f"Machine: {machine_line(res['machine'])}.", "",
-          f"Runtime sessions created {order}; {args.rounds} interleaved rounds per order.", "",
-          "| Variant | Runtime | ours median ms | timm median ms | ratio ours/timm | min | max | ratio by first-created "
+          f"Runtime sessions created {order}; {args.rounds} interleaved rounds per order. {what}; the ratio, min and "
+          "max are over the per-round ratios ours/timm.", "",
+          f"| Variant | Runtime | ours {label} | timm {label} | ratio ours/timm | min | max | ratio by first-created "
           "| max abs diff (fused) |",
           "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:

@@ -69,7 +69,8 @@ def step(args) -> dict:
     arms = {}
     for name in ("ours_plain", "ours_small_map", "timm"):
         torch.manual_seed(0)
-        m = (timm.create_model("repvit_m0_9", num_classes=10, in_chans=1) if name == "timm"
+        # timm's RepViT has a second (distillation) BN+Linear head by default; one head, as ours
+        m = (timm.create_model("repvit_m0_9", num_classes=10, in_chans=1, distillation=False) if name == "timm"
              else build_model("repvit_m0_9", num_classes=10, in_chans=1)).to(memory_format=torch.channels_last)
         arms[name] = (m, torch.optim.AdamW(m.parameters(), 1e-3))
 

@@ -20,7 +20,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fashion_mnist.py"
 def test_parallel_main_comparison_reports_the_declared_weights(tmp_path):
     out = tmp_path / "fm"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--epochs", "0.05", "--parts", "main", "--parallel",
-           "--main-models", "repvit_m0_6,mobilenetv3_large_100", "--weights", "ema", "--out-dir", str(out)]
+           "--main-models", "repvit_m0_6,mobilenetv3_large_100", "--weights", "ema", "--threads", "2",
+           "--out-dir", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     res = json.loads((out / "fashion_mnist.json").read_text())
@@ -30,7 +31,11 @@ def test_parallel_main_comparison_reports_the_declared_weights(tmp_path):
         assert r["weights"] == "ema" and r["top1"] == r["ema_top1"] and r["updates"] == 2
     # the arms ran in separate processes on bit-identical batches
     assert rows["repvit_m0_6"]["data_digest"] == rows["mobilenetv3_large_100"]["data_digest"]
-    assert "| repvit_m0_6 |" in (out / "fashion_mnist.md").read_text()
+    md = (out / "fashion_mnist.md").read_text()
+    assert "| repvit_m0_6 |" in md
+    # the arms trained in 1-thread processes: that is the recorded thread count, not the parent's --threads
+    assert (res["settings"]["threads"], res["settings"]["parent_threads"]) == (1, 2)
+    assert "1 thread(s) per arm process" in md
     # a second run into the same folder refuses instead of overwriting the first one's numbers
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "--overwrite" in (again.stderr + again.stdout)

@@ -49,4 +49,19 @@ def test_both_orders_are_measured_and_pooled(tmp_path):
         per = statistics.median(x / y for x, y in zip(pa["round_medians"], pb["round_medians"]))
         assert row["ratio_by_first"][first] == pytest.approx(per)
     assert row["max_abs_diff_fused"] < 1e-3
-    assert "ours first" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "ours first" in md
+    # pooled statistics are over the per-round medians, each phase's over its per-iteration times: labelled so
+    assert res["settings"]["ms_statistic"] == a["statistic"] == b["statistic"] == "per-round medians of both orders"
+    assert a["median"] == pytest.approx(statistics.median(a["round_medians"])) and a["n_rounds"] == 4
+    assert {ph["statistic"] for ph in a["phases"] + b["phases"]} == {"per-iteration times"}
+    assert "ours median of round medians, ms" in md and "median of the 4 per-round medians" in md
+
+
+def test_pooled_statistics_are_labelled_as_round_medians():
+    pool = _script().pool
+    phase = {"median": 1.0, "min": 0.5, "max": 9.0, "n": 30, "round_medians": [1.0, 2.0, 3.0],
+             "statistic": "per-iteration times"}
+    pooled = pool([phase, dict(phase, round_medians=[4.0, 5.0, 6.0])])
+    assert pooled["statistic"] == "per-round medians of both orders"
+    assert (pooled["median"], pooled["min"], pooled["max"], pooled["n_rounds"]) == (3.5, 1.0, 6.0, 6)
