@@ -1,4 +1,7 @@
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -50,3 +53,12 @@ def assert_input_dependent(a: torch.Tensor, b: torch.Tensor, rel: float = 0.05) 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def load_script(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` executed as a fresh module (the benchmark scripts are not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

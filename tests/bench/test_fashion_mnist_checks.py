@@ -3,7 +3,6 @@ preprocessing is checked against the run's data, and a progress row cut off by t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -17,15 +16,13 @@ from repvit.models import build_model
 from repvit.train.config import apply_overrides, config_to_dict
 from repvit.train.recipes import load_recipe
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fashion_mnist.py"
+from tests.conftest import load_script
+
 
 
 @pytest.fixture(scope="module")
 def fm():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("fashion_mnist")
 
 
 # ------------------------------------------------------------------------------------------- --set allowlist

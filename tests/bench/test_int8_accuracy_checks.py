@@ -3,7 +3,6 @@ is reused only when they match; --checkpoint files are checked against the datas
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,17 +12,15 @@ import pytest
 import repvit
 from repvit.models import build_model
 
+from tests.conftest import load_script
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sklearn")   # the digits dataset
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "int8_accuracy.py"
 
 
 @pytest.fixture(scope="module")
 def i8():
-    spec = importlib.util.spec_from_file_location("int8_accuracy_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("int8_accuracy")
 
 
 @pytest.fixture

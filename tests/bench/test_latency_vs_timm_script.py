@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -11,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_script
+
 pytest.importorskip("timm")
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "latency_vs_timm.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("latency_vs_timm", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("latency_vs_timm")
 
 
 def test_strip_removes_flags_and_their_values():
