@@ -170,9 +170,9 @@ def test_set_overrides_and_errors():
     ("run.global_batch=0", r"run.global_batch must be >= 1 \(or null\), got 0"),
     ("run.global_batch=-256", r"run.global_batch must be >= 1 \(or null\), got -256"),
     ("optim.lr_base_batch=0", r"optim.lr_base_batch must be >= 1, got 0"),
-    ("run.max_steps_per_epoch=-1", r"run.max_steps_per_epoch must be >= 1 \(or null\), got -1"),
-    ("run.max_steps_per_epoch=0", r"run.max_steps_per_epoch must be >= 1 \(or null\), got 0"),
-    ("run.threads=0", r"run.threads must be >= 1 \(or null\)"),
+    ("run.max_steps_per_epoch=-1", r"run.max_steps_per_epoch must be >= 0 \(0 or null: no limit\), got -1"),
+    ("run.threads=-2", r"run.threads must be >= 0 \(0 or null: no limit\)"),
+    ("model.drop_path_rate=1", r"model.drop_path_rate must lie in \[0, 1\)"),
     ("optim.lr=-0.001", r"optim.lr must be >= 0, got -0.001"),
     ("optim.base_lr=-1e-3", r"optim.base_lr must be >= 0"),
     ("optim.weight_decay=-0.05", r"optim.weight_decay must be >= 0"),
@@ -188,8 +188,8 @@ def test_set_overrides_and_errors():
     ("aug.mixup_prob=2", r"aug.mixup_prob must lie in \[0, 1\]"),
     ("aug.mixup_switch_prob=-0.5", r"aug.mixup_switch_prob must lie in \[0, 1\]"),
     ("aug.smoothing=1.1", r"aug.smoothing must lie in \[0, 1\]"),
-    ("model.drop_rate=-0.2", r"model.drop_rate must lie in \[0, 1\]"),
-    ("model.drop_path_rate=1.01", r"model.drop_path_rate must lie in \[0, 1\]"),
+    ("model.drop_rate=-0.2", r"model.drop_rate must lie in \[0, 1\)"),
+    ("model.drop_path_rate=1.01", r"model.drop_path_rate must lie in \[0, 1\)"),
 ])
 def test_out_of_range_values_name_the_key_and_the_range(override, message):
     with pytest.raises(ValueError, match=message):
@@ -200,7 +200,7 @@ def test_range_limits_themselves_are_accepted():
     cfg = apply_overrides(TrainConfig(), [
         "run.global_batch=null", "run.global_batch=256", "optim.lr_base_batch=1", "run.max_steps_per_epoch=1",
         "optim.lr=0", "optim.weight_decay=0", "schedule.min_lr=0", "schedule.warmup_lr=0", "run.keep_last=0",
-        "data.num_workers=0", "aug.hflip=1", "aug.reprob=0", "aug.smoothing=0", "model.drop_path_rate=1",
+        "data.num_workers=0", "aug.hflip=1", "aug.reprob=0", "aug.smoothing=0", "model.drop_path_rate=0.99", "run.threads=0", "run.max_steps_per_epoch=0",
         "aug.mixup_prob=0", "aug.mixup_switch_prob=1"])
     assert cfg.global_batch(8) == 256 and cfg.lr(8) == 0.0
     assert apply_overrides(TrainConfig(), ["run.global_batch=null"]).global_batch(4) == 4 * 256

@@ -128,6 +128,39 @@ def test_unpinned_download_records_sha256_and_checks_the_cache_on_later_use(tmp_
     assert not dest.exists() and record.read_text().split()[0] == sha256_of(src)
 
 
+def test_read_only_cache_uses_a_placed_file_with_a_warning(tmp_path, monkeypatch, capsys):
+    # weights placed by hand in a cache this user cannot write (container image, shared TORCH_HOME): the
+    # first-use record cannot be written, so the file is used (unverified) instead of failing
+    entry = hub.get_weights("repvit_m0_6")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _fake_release("repvit_m0_6", cache / entry.filename)
+
+    def read_only(path, digest, name):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(hub, "_write_sidecar", read_only)
+    monkeypatch.setattr(hub, "_open_url", lambda url: pytest.fail("a cached file must not be downloaded"))
+    assert hub.download_weights(entry, cache_dir=cache, progress=False) == cache / entry.filename
+    err = capsys.readouterr().err
+    assert "cannot record the sha256" in err and "unverified" in err
+    assert not hub.sidecar_path(cache / entry.filename).exists()
+
+
+def test_a_local_error_while_downloading_is_not_called_offline(tmp_path, monkeypatch):
+    entry = hub.get_weights("repvit_m0_6")
+    _serve(monkeypatch, tmp_path / "unused.pth")
+    cache = tmp_path / "cache"
+
+    def no_temp_file(*args, dir=None, **kw):  # the cache folder refuses the temporary download file
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(hub.tempfile, "mkstemp", no_temp_file)
+    with pytest.raises(PermissionError, match="Permission denied") as err:
+        hub.download_weights(entry, cache_dir=cache, progress=False)
+    assert not isinstance(err.value, hub.OfflineError)
+
+
 def test_short_download_against_content_length_is_rejected(tmp_path, monkeypatch):
     src = tmp_path / "src.pth"
     _fake_release("repvit_m0_6", src)

@@ -568,7 +568,8 @@ class RepViT(nn.Module):
                 raise ValueError(_DEPLOY_DISTILLATION)
             distillation = False
         else:
-            distillation = self._distillation if distillation is None else bool(distillation)
+            # getattr: a whole model pickled before the setting was remembered has no _distillation
+            distillation = getattr(self, "_distillation", self.distillation) if distillation is None else bool(distillation)
             self._distillation = distillation
         ref = next(self.parameters())
         self.num_classes = num_classes

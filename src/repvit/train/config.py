@@ -158,11 +158,14 @@ class TrainConfig:
                         ("data.img_size", self.data.img_size), ("aug.repeated_aug", self.aug.repeated_aug)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        for name, v in (("run.global_batch", self.run.global_batch), ("optim.lr_base_batch", self.optim.lr_base_batch),
-                        ("run.max_steps_per_epoch", self.run.max_steps_per_epoch), ("run.threads", self.run.threads)):
+        for name, v in (("run.global_batch", self.run.global_batch), ("optim.lr_base_batch", self.optim.lr_base_batch)):
             if v is not None and not v >= 1:
                 optional = "" if name == "optim.lr_base_batch" else " (or null)"
                 raise ValueError(f"{name} must be >= 1{optional}, got {v}")
+        # 0 keeps its long-standing meaning here (no limit / torch's default), so older run configs still load
+        for name, v in (("run.max_steps_per_epoch", self.run.max_steps_per_epoch), ("run.threads", self.run.threads)):
+            if v is not None and not v >= 0:
+                raise ValueError(f"{name} must be >= 0 (0 or null: no limit), got {v}")
         for name, v in (("optim.base_lr", self.optim.base_lr), ("optim.lr", self.optim.lr),
                         ("optim.weight_decay", self.optim.weight_decay), ("schedule.min_lr", self.schedule.min_lr),
                         ("schedule.warmup_lr", self.schedule.warmup_lr), ("run.keep_last", self.run.keep_last),
@@ -174,10 +177,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {v}")
         for name, v in (("aug.hflip", self.aug.hflip), ("aug.reprob", self.aug.reprob),
                         ("aug.mixup_prob", self.aug.mixup_prob), ("aug.mixup_switch_prob", self.aug.mixup_switch_prob),
-                        ("aug.smoothing", self.aug.smoothing), ("model.drop_rate", self.model.drop_rate),
-                        ("model.drop_path_rate", self.model.drop_path_rate)):
+                        ("aug.smoothing", self.aug.smoothing)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        for name, v in (("model.drop_rate", self.model.drop_rate), ("model.drop_path_rate", self.model.drop_path_rate)):
+            if not 0.0 <= v < 1.0:      # the model builder's rule: a rate of 1 drops everything
+                raise ValueError(f"{name} must lie in [0, 1), got {v}")
         if self.run.global_batch is not None and self.run.global_batch % self.run.batch_size:
             raise ValueError(f"run.global_batch ({self.run.global_batch}) must be a multiple of run.batch_size "
                              f"({self.run.batch_size}) so gradient accumulation can fill it")

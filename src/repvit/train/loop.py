@@ -286,6 +286,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     if state is None and builtin_name(cfg.data.dataset) is None and Path(cfg.data.dataset).exists():
         # saved absolute, so --resume works from any working directory (it takes no --data)
         cfg.data.dataset = str(Path(cfg.data.dataset).resolve())
+    if state is None and cfg.data.download_dir and Path(cfg.data.download_dir).exists():
+        # likewise the built-ins' data folder: `repvit eval RUN/last.pt` reads it from the saved config
+        cfg.data.download_dir = str(Path(cfg.data.download_dir).resolve())
     # ---- data first: a wrong path or layout fails before anything expensive happens
     bundle = build_data(cfg.data, cfg.aug, train=True, seed=cfg.run.seed, num_classes=cfg.model.num_classes)
     for note in bundle.notes:

@@ -30,6 +30,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +190,16 @@ def _download(entry: WeightsEntry, dest: Path, progress: bool) -> str:
         return _fetch(entry.url, dest, progress)
     except DownloadError:
         raise
-    except Exception as e:  # URLError, socket errors, HTTP errors
+    except OSError as e:
+        # URLError and socket errors are OSErrors too; a local one (the cache folder cannot take the temp file)
+        # has a filename and is not an offline problem: let it say what it is
+        if getattr(e, "filename", None) is not None and not isinstance(e, urllib.error.URLError):
+            raise
+        raise OfflineError(
+            f"could not download {entry.name} from {entry.url} ({type(e).__name__}: {e}). If this machine is "
+            f"offline, fetch the file elsewhere and place it at {dest}, or pass checkpoint=PATH."
+        ) from e
+    except Exception as e:  # HTTP and protocol errors
         raise OfflineError(
             f"could not download {entry.name} from {entry.url} ({type(e).__name__}: {e}). If this machine is "
             f"offline, fetch the file elsewhere and place it at {dest}, or pass checkpoint=PATH."
@@ -213,7 +223,7 @@ def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None
 
     if entry.sha256 is not None:  # pinned in the registry
         if digest != entry.sha256:
-            dest.unlink()
+            dest.unlink(missing_ok=True)
             raise RuntimeError(
                 f"checksum mismatch for {entry.name}: expected sha256 {entry.sha256}, got {digest}; the file was "
                 "deleted - download it again"
@@ -222,7 +232,12 @@ def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None
 
     recorded = _read_sidecar(record)
     if recorded is None:  # first use: trust these bytes and record them
-        _write_sidecar(record, digest, dest.name)
+        try:
+            _write_sidecar(record, digest, dest.name)
+        except OSError as e:  # a read-only cache (container image, shared TORCH_HOME): use the file unrecorded
+            print(f"warning: cannot record the sha256 of {dest} in {record} ({e}); the file is used unverified",
+                  file=sys.stderr)
+            return dest
         how = "downloaded" if fresh else "found in the cache"
         print(f"note: {dest.name} {how}; sha256={digest} recorded in {record.name}. It is not pinned in the "
               "registry, so this first copy is trusted as is; later uses are checked against it.", file=sys.stderr)
@@ -230,13 +245,13 @@ def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None
     if digest == recorded:
         return dest
     if not fresh:  # the cached copy changed since first use (truncated, modified): fetch it once more
-        dest.unlink()
+        dest.unlink(missing_ok=True)
         print(f"warning: cached {dest} does not match the sha256 recorded at first use ({recorded}, now {digest}); "
               "deleted it and downloading it again", file=sys.stderr)
         digest = _download(entry, dest, progress)
         if digest == recorded:
             return dest
-    dest.unlink()
+    dest.unlink(missing_ok=True)
     raise RuntimeError(
         f"the download of {entry.name} from {entry.url} has sha256 {digest}, but the copy first used on this machine "
         f"had {recorded} (recorded in {record}); the new file was deleted. If the release file really changed, "
