@@ -297,6 +297,14 @@ def test_hfds_validation_labels_use_the_training_class_indices(tmp_path):
     b = build_data(_wds_cfg(root, format="hfds"), AUG)
     assert b.num_classes == 3 and b.val.classes == ["cat", "dog", "fox"]
     assert b.val.targets == [2, 1, 1] and [b.val[i][1] for i in range(3)] == [2, 1, 1]
+    # evaluation alone (repvit eval builds no training split) numbers them the same way: the model's indices
+    ev = build_data(_wds_cfg(root, format="hfds"), AUG, train=False)
+    assert ev.train is None and ev.num_classes == 3 and ev.val.targets == [2, 1, 1]
+    # an eval-only dataset (no training split to read the order from) says that it could not check
+    solo = tmp_path / "hf_val_only"
+    datasets.DatasetDict({"validation": val}).save_to_disk(str(solo))
+    ev = build_data(_wds_cfg(solo, format="hfds"), AUG, train=False)
+    assert ev.val.targets == [1, 0, 0] and any("own class order" in n for n in ev.notes)
     # a class only the validation split has: refused, named
     other = tmp_path / "hf2"
     datasets.DatasetDict({"train": train, "validation": _hf_named(datasets, ["dog", "wolf"], ["wolf", "dog"])}

@@ -255,6 +255,7 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
             _check_split_classes(src, va.num_classes, tr.num_classes if tr is not None else None, num_classes)
         elif fmt == "hfds":
             from .hf import HFImageDataset
+            hf_notes: list[str] = []
             tr = (HFImageDataset(src, data.train_split, tf_tr, cache_dir=data.download_dir, num_classes=num_classes)
                   if train else None)
             va = HFImageDataset(src, data.val_split, tf_ev, cache_dir=data.download_dir,
@@ -262,6 +263,18 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
                                 num_classes_from="model.num_classes" if num_classes else "the training split")
             if tr is not None:
                 _hf_align_classes(src, tr, va, data.val_split)
+            elif va.named_classes:
+                # evaluation: the model's class indices are the training split's, so read that split's names too
+                # (its rows are not decoded); without it, say that the order could not be checked
+                try:
+                    ref = HFImageDataset(src, data.train_split, None, cache_dir=data.download_dir)
+                except Exception as e:  # noqa: BLE001 - no training split here (an eval-only dataset)
+                    hf_notes.append(f"note: could not read the {data.train_split!r} split of {src!r} ({e}); the "
+                                    f"{data.val_split!r} split's own class order is used - it matches the model "
+                                    "only if every class is present in it")
+                else:
+                    if ref.named_classes:
+                        _hf_align_classes(src, ref, va, data.val_split)
             n_cls = num_classes or max(len(va.classes), len(tr.classes) if tr is not None else 0)
             _check_split_classes(src, len(va.classes), len(tr.classes) if tr is not None else None, num_classes)
         elif fmt == "hfids":
@@ -317,6 +330,8 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
             if not n_cls:
                 raise ValueError(f"cannot tell the number of classes of {src!r}; set model.num_classes")
         bundle = DataBundle(tr, va, n_cls, 3, data.img_size, mean, std, data.interpolation, crop_pct, src)
+        if fmt == "hfds":
+            bundle.notes.extend(hf_notes)
     if train and bundle.train is not None:
         bundle.train = _subset(bundle.train, data.max_train_samples, seed)
     bundle.val = _subset(bundle.val, data.max_val_samples, seed + 1)
