@@ -80,7 +80,8 @@ def test_ratios_and_targets_from_rows():
     rows = [_row("repvit_m0_9", "repvit", "onnxruntime", "fp32", 4.0, 0.5),
             _row("timm:repvit_m0_9", "timm", "onnxruntime", "fp32", 5.0),
             _row("repvit_m0_9", "repvit", "eager", "fp32", 8.0, 0.25),
-            _row("repvit_m0_9", "repvit", "onnxruntime_int8", "int8", 2.0)]
+            _row("repvit_m0_9", "repvit", "onnxruntime_int8", "int8", 2.0),
+            _row("timm:repvit_m0_9", "timm", "onnxruntime_int8", "int8", 3.0)]   # other pipeline: no ratio
     ratios = _ratios(rows)
     assert len(ratios) == 1 and ratios[0]["ratio"] == pytest.approx(0.8) and ratios[0]["runtime"] == "onnxruntime"
     t = _targets(rows, ratios)

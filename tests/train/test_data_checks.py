@@ -155,3 +155,18 @@ def test_a_cached_teacher_logit_file_of_another_training_set_is_recomputed(tmp_p
     for n, k in ((6, 3), (5, 4)):                     # another training-set size, another class count
         assert _cached_teacher_logits(path, n, k, notes.append) is None
     assert len(notes) == 2 and "shape (5, 3)" in notes[0] and "6 images of 3 classes" in notes[0]
+
+
+def test_fine_tuning_warns_when_the_pretrained_weights_expect_other_normalisation(tmp_path):
+    # digits are normalised with their own mean/std; a checkpoint trained with mean 0.5 / std 0.25 expects those
+    other = _checkpoint(tmp_path / "other.safetensors", in_chans=1)
+    lines: list[str] = []
+    train(tiny_config(f"model.pretrained={other}", "run.max_steps_per_epoch=1", "schedule.epochs=1"),
+          tmp_path / "run", log_fn=lines.append)
+    warn = [ln for ln in lines if ln.startswith("warning: model.pretrained")]
+    assert len(warn) == 1 and "mean (0.5,)" in warn[0] and "data.mean/data.std" in warn[0], lines
+    # the same checkpoint fine-tuned with its own statistics: no warning
+    lines.clear()
+    train(tiny_config(f"model.pretrained={other}", "run.max_steps_per_epoch=1", "schedule.epochs=1",
+                      "data.mean=[0.5]", "data.std=[0.25]"), tmp_path / "run2", log_fn=lines.append)
+    assert not [ln for ln in lines if ln.startswith("warning: model.pretrained")], lines

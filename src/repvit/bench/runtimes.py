@@ -275,8 +275,8 @@ def _openvino(onnx_path: Path, xn: np.ndarray, threads: int, *, bf16: bool, fact
         raise RuntimeUnavailable("openvino is not installed (pip install openvino)") from e
     if bf16 and not native_bf16():
         raise RuntimeUnavailable("no native bf16 on this CPU (AVX512-BF16/AMX): OpenVINO would silently run f32")
-    from ..export.openvino_int8 import openvino_session
+    from ..export.openvino_int8 import inference_precision, openvino_session
     compiled = openvino_session(onnx_path, threads=threads, precision="bf16" if bf16 else "f32")
-    facts["precision"] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    facts["precision"] = inference_precision(compiled)
     req = compiled.create_infer_request()
     return (lambda: req.infer({0: xn})), facts

@@ -312,6 +312,12 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         if state is None and cfg.model.pretrained:
             _check_pretrained_channels(cfg.model.pretrained, bundle)     # a clearer message when that is the cause
         raise
+    if state is None and cfg.model.pretrained:
+        # fine-tuning: the pretrained weights expect their own normalisation; the data's replaces it here
+        note = teacher_input_mismatch(model, bundle.preprocessing)
+        if note:
+            log(f"warning: model.pretrained {cfg.model.pretrained}: {note}; set data.mean/data.std to its values to "
+                "keep them")
     model.preprocessing = bundle.preprocessing
     distill = cfg.distill.kind != "none"
     if distill:
