@@ -30,7 +30,7 @@ from .transforms import CROP_PCT, eval_transform, preprocessing_dict, train_tran
 
 __all__ = ["DataBundle", "build_data", "BUILTIN_DATASETS", "DATA_FORMATS", "FASHION_MNIST_DIR",
            "GlobalBatchSampler", "shard_range", "skip_none_collate", "validate_image_folder", "SafeImageFolder",
-           "SafeTarDataset", "channel_mismatch"]
+           "SafeTarDataset", "check_channels"]
 
 # the values of data.format (and of ``repvit eval --format``)
 DATA_FORMATS = ("auto", "folder", "tar", "wds", "hfds", "hfids")
@@ -188,14 +188,14 @@ def _hf_align_classes(src: str, tr: Any, va: Any, val_split: str) -> None:
     va.remap_classes(list(tr.classes))
 
 
-def channel_mismatch(model_chans: int | None, data_chans: int, *, who: str, data_name: str, fix: str) -> str | None:
-    """The error message when a model's input channel count differs from the data's, else None (also when the
-    model's count is unknown). ``fix`` says what to do."""
+def check_channels(model_chans: int | None, data_chans: int, *, who: str, data_name: str, fix: str) -> None:
+    """Raise ValueError when a model's input channel count differs from the data's (an unknown count passes).
+    ``fix`` says what to do."""
     if model_chans is None or int(model_chans) == int(data_chans):
-        return None
+        return
     kind = {1: " (grayscale)", 3: " (RGB)"}
-    return (f"{who} expects {model_chans}-channel{kind.get(int(model_chans), '')} images but {data_name} gives "
-            f"{data_chans}-channel{kind.get(int(data_chans), '')} ones: {fix}")
+    raise ValueError(f"{who} expects {model_chans}-channel{kind.get(int(model_chans), '')} images but {data_name} "
+                     f"gives {data_chans}-channel{kind.get(int(data_chans), '')} ones: {fix}")
 
 
 def _check_split_classes(src: str, n_val: int, n_train: int | None, given: int | None) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from repvit.data import build_data, builtin_name, channel_mismatch, shard_range, skip_none_collate
+from repvit.data import build_data, builtin_name, check_channels, shard_range, skip_none_collate
 
 from .dist import all_reduce_sum
 
@@ -240,13 +240,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     for name, model in models:
         who = f"ensemble member {name}" if len(paths) > 1 else "the checkpoint"
         chans = model_in_chans(model)
-        msg = channel_mismatch(chans, bundle.in_chans, who=who, data_name=bundle.name, fix=(
+        check_channels(chans, bundle.in_chans, who=who, data_name=bundle.name, fix=(
             "the built-in datasets are grayscale; evaluate a checkpoint trained on them, or pass a dataset path "
             "with RGB images" if bundle.in_chans == 1 else
             f"evaluate it on data like it was trained on{' (a built-in such as fashion-mnist)' if chans == 1 else ''}"
             f", or train or fine-tune a {bundle.in_chans}-channel model on this data (repvit train --data ...)"))
-        if msg:
-            raise ValueError(msg)
         if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
             raise ValueError(f"{who} predicts {model.num_classes} classes but {data} has "
                              f"{bundle.num_classes}")

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import repvit
-from repvit.data import DataBundle, GlobalBatchSampler, build_data, builtin_name, channel_mismatch
+from repvit.data import DataBundle, GlobalBatchSampler, build_data, builtin_name, check_channels
 from repvit.reparam import reparameterize
 
 from ..utils.files import atomic_write_json, atomic_write_text
@@ -114,13 +114,6 @@ def _cached_teacher_logits(path: Path, n: int, num_classes: int, log: Callable[[
     return cached
 
 
-def _check_channels(model: nn.Module | None, bundle: DataBundle, who: str, fix: str) -> None:
-    msg = channel_mismatch(model_in_chans(model) if model is not None else None, bundle.in_chans, who=who,
-                           data_name=bundle.name, fix=fix)
-    if msg:
-        raise ValueError(msg)
-
-
 def _check_pretrained_channels(source: str, bundle: DataBundle) -> None:
     """Raise a clear error when the fine-tuning checkpoint was trained on images with another channel count."""
     from repvit.weights import read_checkpoint
@@ -128,11 +121,9 @@ def _check_pretrained_channels(source: str, bundle: DataBundle) -> None:
         chans = read_checkpoint(source).info.in_chans
     except Exception:  # noqa: BLE001 - unreadable: the original error says why
         return
-    msg = channel_mismatch(chans, bundle.in_chans, who=f"model.pretrained {source}", data_name=bundle.name,
-                           fix=f"its input layer cannot take these images; fine-tune from weights trained on "
-                               f"{bundle.in_chans}-channel images, or train from scratch (model.pretrained=null)")
-    if msg:
-        raise ValueError(msg)
+    check_channels(chans, bundle.in_chans, who=f"model.pretrained {source}", data_name=bundle.name,
+                   fix=f"its input layer cannot take these images; fine-tune from weights trained on "
+                       f"{bundle.in_chans}-channel images, or train from scratch (model.pretrained=null)")
 
 
 def _seed_all(seed: int) -> None:
@@ -295,10 +286,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         log(note)
     num_classes = cfg.model.num_classes or bundle.num_classes
     in_chans = cfg.model.in_chans or bundle.in_chans
-    msg = channel_mismatch(in_chans, bundle.in_chans, who=f"the model (model.in_chans={in_chans})",
-                           data_name=bundle.name, fix="drop model.in_chans (it defaults to the data's channel count)")
-    if msg:
-        raise ValueError(msg)
+    check_channels(in_chans, bundle.in_chans, who=f"the model (model.in_chans={in_chans})", data_name=bundle.name,
+                   fix="drop model.in_chans (it defaults to the data's channel count)")
     if di.is_main and (state is None or changes):
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     if changes:
@@ -347,8 +336,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         members = list(getattr(teacher.model, "members", [teacher.model]))   # an ensemble: each member
         for i, m in enumerate(members):
             who = f"the teacher {cfg.distill.teacher!r}" + (f" (member {i})" if len(members) > 1 else "")
-            _check_channels(m, bundle, who, f"distil from a teacher trained on {bundle.in_chans}-channel images "
-                                            "(e.g. a checkpoint of a run on this data)")
+            check_channels(model_in_chans(m), bundle.in_chans, who=who, data_name=bundle.name,
+                           fix=f"distil from a teacher trained on {bundle.in_chans}-channel images (e.g. a checkpoint "
+                               "of a run on this data)")
         note = teacher_input_mismatch(teacher.model, bundle.preprocessing)
         if note:
             log(f"warning: the teacher sees the student's inputs, but {note}; its labels may be poor")
