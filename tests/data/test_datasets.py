@@ -180,6 +180,49 @@ def test_global_batch_sampler_layout():
         GlobalBatchSampler(10, 16)
 
 
+def test_sample_seeds_follow_the_position_not_the_layout():
+    """(index, seed) pairs: the same per position for 1 process x 2 accumulation steps and 2 ranks, equal to the
+    plain sampler's indices, distinct for the copies of repeated augmentation, and new each epoch."""
+    n, gb = 120, 24
+    plain = GlobalBatchSampler(n, gb, accum_steps=2, repeats=3, seed=1)
+    one = GlobalBatchSampler(n, gb, accum_steps=2, repeats=3, seed=1, sample_seeds=True)
+    r0, r1 = (GlobalBatchSampler(n, gb, world_size=2, rank=r, repeats=3, seed=1, sample_seeds=True) for r in (0, 1))
+    for s in (plain, one, r0, r1):
+        s.set_epoch(4)
+    a = list(one)
+    assert a[0::2] == list(r0) and a[1::2] == list(r1)
+    assert [[i for i, _ in b] for b in a] == list(plain)
+    pairs = [p for b in a for p in b]
+    assert len({seed for _, seed in pairs}) == len(pairs)          # three copies of an image: three augmentations
+    one.set_epoch(5)
+    assert not {seed for b in one for _, seed in b} & {seed for _, seed in pairs}
+    one.set_epoch(4, start=3)
+    assert list(one) == a[3:]
+
+
+def test_sample_seeding_reproduces_draws_and_restores_the_streams():
+    import random
+
+    import numpy as np
+    import torch
+
+    from repvit.data import preserved_rng, seed_sample
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    expected_next = draws()
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    with preserved_rng():
+        seed_sample(123)
+        first = draws()
+        seed_sample(124)
+        other = draws()
+    assert draws() == expected_next                 # the outer streams continue as if nothing happened
+    seed_sample(123)
+    assert draws() == first and other != first
+
+
 def test_tar_layout_through_the_one_format_option(tmp_path):
     import tarfile
     src = _folder(tmp_path / "src", classes=("a", "b", "c"), n=2)

@@ -13,7 +13,8 @@ from repvit.train import train
 from trainhelpers import ROOT, TINY, as_overrides, cli_env, free_port, load_state, tiny_config
 
 SET = ["schedule.epochs=1", "run.max_steps_per_epoch=4", "run.global_batch=32", "run.batch_size=16",
-       "data.max_train_samples=256", "ema.enabled=false"]
+       "data.max_train_samples=256", "ema.enabled=false",
+       "aug.pad_crop=2", "aug.hflip=0.5"]   # random augmentation: seeded per sample, so the same on both layouts
 
 
 @pytest.mark.slow

@@ -48,11 +48,14 @@ def _same_metrics(ref: list[dict], got: list[dict]) -> None:
                 assert a[k] == b[k], (a["epoch"], k, a[k], b[k])
 
 
-def test_crash_after_checkpoint_then_resume_is_exact(tmp_path, monkeypatch):
-    """Fast, in-process: the run dies right after its 4th checkpoint write, then resumes."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_crash_after_checkpoint_then_resume_is_exact(tmp_path, monkeypatch, workers):
+    """Fast, in-process: the run dies right after its 4th checkpoint write, then resumes. The reference runs
+    without loader workers, the interrupted run with ``workers``: augmentations are seeded per sample, so
+    neither the worker count nor the resume point may change them."""
     import repvit.train.loop as loop
     ref = tmp_path / "ref"
-    train(tiny_config(*RESUME_SET), ref)
+    train(tiny_config(*RESUME_SET, "data.num_workers=0"), ref)
     real, calls = loop.atomic_torch_save, []
 
     def dying_save(obj, path):
@@ -63,7 +66,7 @@ def test_crash_after_checkpoint_then_resume_is_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "atomic_torch_save", dying_save)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(*RESUME_SET), run)
+        train(tiny_config(*RESUME_SET, f"data.num_workers={workers}"), run)
     monkeypatch.setattr(loop, "atomic_torch_save", real)
     assert load_state(run)["step"] == 4 and load_state(run)["micro"] == 1   # mid-epoch checkpoint
     # what a SIGKILL can leave too: a torn metrics line and a checkpoint-sized temp file
@@ -239,27 +242,91 @@ def test_resume_accepts_only_the_allowed_set_keys_and_records_them(finished_run,
     assert f"resumed from {ckpt}: epoch 2/2, micro-batch 0, after update 2" in log
 
 
-def test_summary_describes_the_best_file_on_disk_after_resume(finished_run, tmp_path):
-    """A best.safetensors the resumed checkpoint does not know about (killed between the best file and last.pt,
-    or resumed from an older checkpoint-epochNNNN.pt): its own record wins, in the run and in the summary."""
+def _stale_best(run, record: dict) -> bytes:
+    """Overwrite run/best.safetensors as a continuation after the checkpoint would have: other weights (last.pt's
+    EMA), its own record. Returns the new file's bytes."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
-    run = _copy(finished_run, tmp_path / "run")
     best = run / "best.safetensors"
     with safe_open(str(best), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    meta["train_best"] = json.dumps({"epoch": 1, "top1": 100.0, "source": "ema"})   # unbeatable: never replaced
+        meta = f.metadata()
+    tensors = {k: v.contiguous() for k, v in load_state(run)["ema"].items()}
+    meta["train_best"] = json.dumps(record)
     save_file(tensors, str(best), metadata=meta)
-    before = best.read_bytes()
-    res = train(None, resume=run / "checkpoint-epoch0001.pt")     # its state["best"] is epoch 1's
-    assert (res.best_top1, res.best_epoch, res.best_source) == (100.0, 2, "ema")
+    return best.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["abandoned", "missing"])
+def test_resume_from_an_older_checkpoint_keeps_its_own_best(finished_run, tmp_path, case):
+    """``--resume RUN/checkpoint-epoch0001.pt`` after the run went on: a best.safetensors written later (by the
+    abandoned continuation) is set aside, not adopted; the checkpoint's record stays, and as it holds those
+    weights (its best epoch is the one just before it) best.safetensors is rewritten from them. The resumed
+    epoch 2 does not beat epoch 1 (as in the original run): the run ends with the checkpoint's best on disk,
+    byte for byte the file the original run wrote, and the summary describing it. A missing best file is
+    rewritten the same way."""
+    import json
+
+    from repvit.train.loop import _read_best_record
+    run = _copy(finished_run, tmp_path / "run")
+    best = run / "best.safetensors"
+    original = best.read_bytes()
+    ckpt = run / "checkpoint-epoch0001.pt"
+    mine = torch.load(ckpt, map_location="cpu", weights_only=True)["best"]
+    assert mine["epoch"] == 0 and _read_best_record(best) == mine
+    if case == "abandoned":
+        # unbeatable, so a record adopted on resume would survive to the summary
+        stale = _stale_best(run, {"epoch": 1, "top1": 100.0, "source": "ema"})
+    else:
+        best.unlink()
+    res = train(None, resume=ckpt)
+    assert (res.best_top1, res.best_epoch, res.best_source) == (mine["top1"], 1, mine["source"])
     s = json.loads((run / "summary.json").read_text())
-    assert (s["best_top1"], s["best_epoch"], s["best_source"]) == (100.0, 2, "ema")
-    assert load_state(run)["best"] == {"top1": 100.0, "epoch": 1, "source": "ema"}
-    assert best.read_bytes() == before
-    assert "best.safetensors holds the ema weights of epoch 2 (top-1 100.00)" in (run / "train.log").read_text()
+    assert (s["best_top1"], s["best_epoch"], s["best_source"]) == (mine["top1"], 1, mine["source"])
+    assert load_state(run)["best"] == mine
+    assert best.read_bytes() == original                     # the weights the summary describes are on disk
+    assert [m["epoch"] for m in _metrics(run)] == [0, 1]     # the abandoned epoch's line is replaced, not doubled
+    log = (run / "train.log").read_text()
+    assert "best.safetensors is rewritten from the weights of this checkpoint's best, epoch 1" in log
+    if case == "abandoned":
+        assert (run / "best-abandoned.safetensors").read_bytes() == stale      # set aside, not lost
+        assert ("best.safetensors holds the ema weights of epoch 2 (top-1 100.00), written after this checkpoint "
+                "by a continuation that this resume abandons; moved to best-abandoned.safetensors") in log
+    else:
+        assert not (run / "best-abandoned.safetensors").exists()
+
+
+def test_a_best_file_written_after_a_mid_epoch_checkpoint_is_not_adopted(tmp_path, monkeypatch):
+    """Killed after a mid-epoch checkpoint, once the best file had been rewritten (the epoch's end evaluated,
+    last.pt not yet written): the file's record is from after the resume point. The checkpoint does not hold
+    the weights of its own best (epoch 1; it is mid-epoch 2), so that record is dropped and the redone epoch 2
+    writes the best file the summary then describes."""
+    import repvit.train.loop as loop
+    from repvit.train.loop import _read_best_record
+    real, calls = loop.atomic_torch_save, []
+
+    def dying_save(obj, path):
+        real(obj, path)
+        calls.append(path)
+        if len(calls) == 3:                  # update 1 (mid-epoch), end of epoch 1, update 3 (mid-epoch 2)
+            raise KeyboardInterrupt("simulated kill")
+    monkeypatch.setattr(loop, "atomic_torch_save", dying_save)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(*TWO_EPOCHS, "run.checkpoint_every_steps=1"), run)
+    monkeypatch.setattr(loop, "atomic_torch_save", real)
+    st = load_state(run)
+    assert (st["epoch"], st["micro"], st["best"]["epoch"]) == (1, 1, 0)
+    stale = _stale_best(run, {"epoch": 1, "top1": 100.0, "source": "ema"})
+    res = train(None, resume=run)
+    ep2 = _metrics(run)[1]
+    assert ep2["epoch"] == 1 and res.best_epoch == 2
+    assert res.best_top1 == max(ep2["val_top1"], ep2["ema_val_top1"])
+    assert _read_best_record(run / "best.safetensors") == {"epoch": 1, "top1": res.best_top1, "source": res.best_source}
+    assert (run / "best-abandoned.safetensors").read_bytes() == stale
+    assert "so that record is dropped: this run's next evaluated epoch writes a new best.safetensors" in (
+        run / "train.log").read_text()
 
 
 def test_a_rank_without_saved_rng_gets_its_own_stream():
@@ -317,3 +384,17 @@ def test_rotate_replaces_atomically_also_when_hard_links_fail(tmp_path, monkeypa
     rotate(tmp_path, 3, keep_last=1)
     assert (tmp_path / "checkpoint-epoch0003.pt").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch0003.pt", "last.pt"]   # no temp left
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_rotate_after_resuming_an_older_checkpoint_keeps_this_runs_checkpoints(tmp_path, keep_last):
+    """Resumed from checkpoint-epoch0001.pt of a run that had reached epoch 3: at the end of epoch 2 the
+    checkpoint just written is kept, and those of the abandoned continuation (epoch 3) go."""
+    from repvit.train.checkpoint import rotate
+    for n in (1, 2, 3):
+        (tmp_path / f"checkpoint-epoch{n:04d}.pt").write_bytes(b"old %d" % n)
+    (tmp_path / "last.pt").write_bytes(b"new")
+    rotate(tmp_path, 2, keep_last=keep_last)
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-epoch*.pt"))
+    assert kept == ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt"][-keep_last:]
+    assert (tmp_path / "checkpoint-epoch0002.pt").read_bytes() == b"new"

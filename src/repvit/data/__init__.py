@@ -25,11 +25,11 @@ from torch.utils.data import Dataset, Subset
 from .builtin import (BUILTIN_DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, TensorImageDataset,
                       builtin_name, load_digits, load_fashion_mnist)
 from .folder import SafeImageFolder, find_split_dir, skip_none_collate, validate_image_folder
-from .sampler import GlobalBatchSampler, shard_range
+from .sampler import GlobalBatchSampler, preserved_rng, seed_sample, shard_range
 from .transforms import CROP_PCT, eval_transform, preprocessing_dict, train_transform
 
 __all__ = ["DataBundle", "build_data", "BUILTIN_DATASETS", "DATA_FORMATS", "FASHION_MNIST_DIR",
-           "GlobalBatchSampler", "shard_range", "skip_none_collate", "validate_image_folder", "SafeImageFolder",
+           "GlobalBatchSampler", "preserved_rng", "seed_sample", "shard_range", "skip_none_collate", "validate_image_folder", "SafeImageFolder",
            "SafeTarDataset", "check_channels"]
 
 # the values of data.format (and of ``repvit eval --format``)

@@ -15,7 +15,8 @@ and every rank averages the gradients by hand at the update. An update without a
 sample on any rank skips the optimizer step on all ranks together (the schedule, EMA and update
 counter still advance, so ranks and resume positions stay in lockstep). Checkpoints are written atomically at epoch ends (and every
 ``run.checkpoint_every_steps`` updates), so a run killed at any moment resumes from the last
-one and ends with the same weights as an uninterrupted run (CPU, same seed, no worker processes).
+one and ends with the same weights as an uninterrupted run (CPU, same seed, any number of loader workers:
+augmentations are seeded per sample position, see :mod:`repvit.data.sampler`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import repvit
-from repvit.data import DataBundle, GlobalBatchSampler, build_data, builtin_name, check_channels
+from repvit.data import (DataBundle, GlobalBatchSampler, build_data, builtin_name, check_channels, preserved_rng,
+                         seed_sample)
 from repvit.reparam import reparameterize
 
 from ..utils.files import atomic_write_json, atomic_write_text
@@ -81,7 +83,11 @@ class TrainResult:
 
 
 class _Indexed(torch.utils.data.Dataset):
-    """Adds the sample index to each item (for cached teacher logits); keeps ``None`` for skipped images."""
+    """Adds the sample index to each item (for cached teacher logits); keeps ``None`` for skipped images.
+
+    Keys are ``(index, seed)`` from the sampler (``sample_seeds=True``): each sample's augmentation is drawn
+    from its own seed, so a resume, the worker count or the world size cannot change what a sample sees.
+    The DataLoader fetches whole batches through ``__getitems__``: the global streams are saved once per batch."""
 
     def __init__(self, ds) -> None:
         self.ds = ds
@@ -89,9 +95,22 @@ class _Indexed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int):
+    def _get(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            i, seed = key
+            seed_sample(seed)
+        else:
+            i = key
         item = self.ds[i]
         return None if item is None else (*item, i)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        with preserved_rng():
+            return self._get(key)
+
+    def __getitems__(self, keys: list) -> list:
+        with preserved_rng():
+            return [self._get(k) for k in keys]
 
 
 def _cached_teacher_logits(path: Path, n: int, num_classes: int, log: Callable[[str], None]) -> torch.Tensor | None:
@@ -352,7 +371,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     global_batch = cfg.global_batch(world)
     lr = cfg.lr(world)
     sampler = GlobalBatchSampler(len(bundle.train), global_batch, world_size=world, rank=di.rank, accum_steps=accum,
-                                 repeats=cfg.aug.repeated_aug, seed=cfg.run.seed, max_steps=cfg.run.max_steps_per_epoch)
+                                 repeats=cfg.aug.repeated_aug, seed=cfg.run.seed, max_steps=cfg.run.max_steps_per_epoch,
+                                 sample_seeds=True)
     updates_per_epoch = sampler.steps
     if sampler.micro_batch < 2:
         # BatchNorm cannot normalise one sample in training (the head's BatchNorm1d raises, and the 1x1 maps of
@@ -368,6 +388,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     # ---- resume
     start_epoch, start_micro, step = 0, 0, 0
     best = {"top1": -1.0, "epoch": -1, "source": "raw"}
+    best_fix: tuple[bool, str | None] | None = None   # on resume: what _resume_best says to do with the best file
     resumed_acc: dict | None = None             # the interrupted epoch's accumulators (mid-epoch checkpoints)
     if state is not None:
         raw_model.load_state_dict(state["model"])
@@ -385,7 +406,11 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             start_micro = start_micro // cfg.accum_steps(old_world) * accum
             log(f"note: resuming a {old_world}-process run with {world} process(es); the global batch and lr "
                 "stay the same, the RNG streams of the interrupted epoch do not")
-        best = _reconcile_best(dict(state.get("best", best)), run_dir / "best.safetensors", log)
+        # a pure decision on every rank (same file, same record); the main rank acts on it after DDP's
+        # construction (below save_best), when every rank has read the file
+        best, best_fix = _resume_best(dict(state.get("best", best)), run_dir / "best.safetensors", log,
+                                      epoch=start_epoch, micro=int(state["micro"]),
+                                      has_ema=ema is not None and state.get("ema") is not None)
         _restore_rank_rng(state["rng"], di.rank, cfg.run.seed, step)
         if world > len(state["rng"]):
             log(f"note: rank(s) {len(state['rng'])}..{world - 1} had no saved RNG state; each is seeded from run.seed, "
@@ -468,10 +493,19 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             m.preprocessing = bundle.preprocessing
             if distill:
                 m.set_distilled_training(False)
-            # the file carries its own record (epoch, top-1, raw/EMA): a kill before last.pt records the new best,
-            # or a resume from an older checkpoint, cannot make the summary describe other weights (_reconcile_best)
+            # the file carries its own record (epoch, top-1, raw/EMA): a resume can tell whether it holds the
+            # weights its checkpoint recorded, or ones written after it (_resume_best)
             repvit.save_checkpoint(m, run_dir / "best.safetensors", preprocessing=bundle.preprocessing,
                                    metadata={BEST_META_KEY: dict(record)})
+
+    if di.is_main and best_fix is not None:
+        # here, not in the resume block: DDP's construction above synchronises the ranks, so none of them is still
+        # reading the best file's record when it moves
+        move_aside, rewrite_from = best_fix
+        if move_aside:
+            os.replace(run_dir / "best.safetensors", run_dir / ABANDONED_BEST)
+        if rewrite_from is not None:        # the weights just restored from the checkpoint are its best epoch's
+            save_best(ema.module if rewrite_from == "ema" else raw_model, best)
 
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.schedule.epochs):
@@ -479,8 +513,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         sampler.set_epoch(epoch, first)
         loader = DataLoader(_Indexed(bundle.train), batch_sampler=sampler, num_workers=cfg.data.num_workers,
                             collate_fn=bundle.collate, pin_memory=device.type == "cuda",
-                            # rank in the seed: otherwise worker k of every rank draws the same augmentations, and
-                            # repeated augmentation's copies (on neighbouring ranks) get identical crops
+                            # augmentations are seeded per sample (_Indexed); the generator only seeds what else a
+                            # worker might draw, distinctly per rank and epoch
                             generator=torch.Generator().manual_seed((cfg.run.seed * 7919 + epoch) * world + di.rank),
                             persistent_workers=False)
         train_model.train()
@@ -729,11 +763,50 @@ def _read_best_record(path: Path) -> dict | None:
         return None
 
 
-def _reconcile_best(best: dict, path: Path, log: Callable[[str], None]) -> dict:
-    """The best-so-far record that describes the weights in ``path``.
+ABANDONED_BEST = "best-abandoned.safetensors"    # a best file set aside on resume (see _resume_best)
+_NO_BEST = {"top1": -1.0, "epoch": -1, "source": "raw"}
 
-    best.safetensors is written before last.pt records the new best, so a kill in between, or a resume from an
-    older checkpoint-epochNNNN.pt, leaves a file the checkpoint's record does not describe: adopt the file's."""
+
+def _resume_best(best: dict, path: Path, log: Callable[[str], None], *, epoch: int, micro: int,
+                 has_ema: bool) -> tuple[dict, tuple[bool, str | None] | None]:
+    """The best record a run resumed from a checkpoint at (``epoch``, ``micro``) continues with, and what to do
+    with the best file at ``path`` first: None (it holds the weights of ``best``, the checkpoint's record), or
+    (move it aside to ABANDONED_BEST, rewrite it from the restored 'raw'/'ema' weights or None).
+
+    save_best writes the file (with its record) before save_last writes a checkpoint holding that record, so the
+    file holds another record only when it was written after the checkpoint: by the part of an epoch a kill cut
+    short, or by a continuation abandoned for an older checkpoint (``--resume RUN/checkpoint-epochNNNN.pt``).
+    Those weights belong to a trajectory this resume leaves, so their record is never adopted; the file is set
+    aside, not deleted (it may be worth keeping). The checkpoint's own record is kept when its weights are in
+    the checkpoint (written right after its best epoch was evaluated, as checkpoint-epochNNNN.pt files are) and
+    the file is rewritten from them; otherwise those weights are nowhere on disk any more, and the record is
+    dropped like that of a missing file: a record kept without its weights would leave the run without a best
+    file (and deploy.safetensors) if it is never beaten, and the summary must describe the file on disk."""
+    rec = _read_best_record(path)
+    stale = rec is not None and any(rec[k] != best[k] for k in ("epoch", "source", "top1"))
+    missing = best["epoch"] >= 0 and not path.is_file()
+    if not (stale or missing):
+        return best, None           # (a file without a record, from before records were written, is kept)
+    what = (f"{path.name} holds the {rec['source']} weights of epoch {rec['epoch'] + 1} (top-1 {rec['top1']:.2f}), "
+            f"written after this checkpoint by a continuation that this resume abandons; moved to {ABANDONED_BEST}"
+            if stale else f"{path.name} is missing")
+    mine = f"this checkpoint's best, epoch {best['epoch'] + 1} ({best['source']}, top-1 {best['top1']:.2f})"
+    if best["epoch"] >= 0 and micro == 0 and best["epoch"] == epoch - 1 and (best["source"] == "raw" or has_ema):
+        log(f"note: {what}; {path.name} is rewritten from the weights of {mine}, which it holds")
+        return best, (stale, best["source"])
+    if best["epoch"] >= 0:
+        log(f"note: {what}; the weights of {mine} are not in it, so that record is dropped: this run's next "
+            f"evaluated epoch writes a new {path.name}")
+    else:
+        log(f"note: {what}; this run's next evaluated epoch writes a new {path.name}")
+    return dict(_NO_BEST), (stale, None)
+
+
+def _reconcile_best(best: dict, path: Path, log: Callable[[str], None]) -> dict:
+    """The best-so-far record that describes the weights in ``path``, at the end of a run (the summary's).
+
+    During a run the file and the record change together (save_best; on resume _resume_best), so they differ only
+    if something else wrote the file: the summary then describes the file on disk, not the record."""
     rec = _read_best_record(path)
     if rec is not None and (rec["epoch"], rec["source"], rec["top1"]) != (best["epoch"], best["source"], best["top1"]):
         log(f"note: {path.name} holds the {rec['source']} weights of epoch {rec['epoch'] + 1} (top-1 "
