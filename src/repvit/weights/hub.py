@@ -15,10 +15,16 @@ What is verified, exactly:
   * Unpinned entries: trust on first use. The first download's sha256 is recorded next to the file
     in ``<file>.sha256`` (``sha256sum`` format; a file placed there by hand is recorded on its first
     use). Every later use re-hashes the cached file and compares: on a mismatch (truncated or
-    modified since) the file is deleted and downloaded once more, and the new download must match
-    the recorded digest; if it does not, it is deleted and ``RuntimeError`` says so (delete the
-    ``.sha256`` record to accept the new file). This catches a cache that changed after the first
-    use; it cannot tell whether the first download itself was the file THU-MIG released.
+    modified since) the file is downloaded once more, and the new download must match the recorded
+    digest; if it does not, it is discarded, the changed cached copy deleted and ``RuntimeError``
+    says so (delete the ``.sha256`` record to accept the new file). A record that exists but holds
+    no digest is an error too (never silently replaced). This catches a cache that changed after
+    the first use; it cannot tell whether the first download itself was the file THU-MIG released.
+  * A download is checked against the pinned or recorded digest before it is renamed into place,
+    and the rename replaces the cached file atomically: processes sharing the cache (DDP ranks, two
+    users) never see a partial or unverified file, and one process's repair never deletes the copy
+    another has just put in place. The file gets the mode a plain ``open()`` would (umask), not
+    ``mkstemp``'s owner-only 0600, so a shared cache stays readable.
   * A cached file that cannot be read as a checkpoint: ``create_model(..., pretrained=True)``
     raises ``CheckpointFormatError`` naming the cache path and telling you to delete it and its
     ``.sha256`` record (no automatic deletion: the record already vouches for those bytes).
@@ -26,6 +32,7 @@ What is verified, exactly:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -38,7 +45,7 @@ from typing import BinaryIO
 
 import torch
 
-from ..utils.files import sha256_of
+from ..utils.files import _umask, sha256_of
 
 __all__ = ["WeightsEntry", "WEIGHTS", "get_weights", "list_weights", "download_weights", "sidecar_path",
            "OfflineError", "DownloadError"]
@@ -123,11 +130,22 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def _read_sidecar(path: Path) -> str | None:
+    """The digest recorded in ``path``; None when there is no record (first use). A record that exists but
+    cannot be read or holds no sha256 raises: silently replacing it would trust whatever file is cached now."""
     try:
-        digest = path.read_text().split()[0].lower()
-    except (OSError, IndexError):
+        fields = path.read_bytes().split()
+    except FileNotFoundError:
         return None
-    return digest if len(digest) == 64 and all(ch in "0123456789abcdef" for ch in digest) else None
+    except OSError as e:
+        raise RuntimeError(f"cannot read the sha256 record {path} ({e}); make it readable, or delete it to record "
+                           "the cached file afresh") from e
+    digest = fields[0].decode("ascii", "replace").lower() if fields else ""
+    if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+        raise RuntimeError(
+            f"the sha256 record {path} is damaged: it holds no sha256 digest (expected '<64 hex digits>  <name>'). "
+            f"Delete it to record the cached file afresh (delete {path.with_suffix('')} too if you doubt that file)."
+        )
+    return digest
 
 
 def _write_sidecar(path: Path, digest: str, name: str) -> None:
@@ -141,11 +159,25 @@ def _open_url(url: str) -> BinaryIO:
     return urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "repvit"}), timeout=60)
 
 
-def _fetch(url: str, dest: Path, progress: bool) -> str:
-    """Download ``url`` to ``dest`` via a temp file in the same folder; returns the sha256 of what was written.
+def _write_local(out: BinaryIO, chunk: bytes | None, tmp: str) -> None:
+    """Write ``chunk`` to ``out`` (None: flush it to disk). A failure (disk full, quota) is raised as an OSError
+    naming ``tmp``: a local error, not to be reported as a network one."""
+    try:
+        if chunk is None:
+            out.flush()
+            os.fsync(out.fileno())
+        else:
+            out.write(chunk)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), tmp) from e
+
+
+def _fetch(url: str, dest: Path, progress: bool, expect: str | None = None) -> str:
+    """Download ``url`` to ``dest`` via a temp file in the same folder; returns the sha256 of what was downloaded.
 
     Raises ``DownloadError`` (temp file deleted, ``dest`` untouched) when fewer or more bytes arrive than the
-    server's Content-Length announced; network errors propagate.
+    server's Content-Length announced; network errors propagate. With ``expect``, a download of another sha256 is
+    discarded and ``dest`` left as it was (the caller compares the returned digest). The rename is atomic.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     h, n = hashlib.sha256(), 0
@@ -162,7 +194,7 @@ def _fetch(url: str, dest: Path, progress: bool) -> str:
                     pass
             try:
                 while chunk := resp.read(1 << 20):
-                    out.write(chunk)
+                    _write_local(out, chunk, tmp)
                     h.update(chunk)
                     n += len(chunk)
                     if bar is not None:
@@ -170,24 +202,28 @@ def _fetch(url: str, dest: Path, progress: bool) -> str:
             finally:
                 if bar is not None:
                     bar.close()
-            out.flush()
-            os.fsync(out.fileno())
+            _write_local(out, None, tmp)
         if expected is not None and n != expected:
             raise DownloadError(
                 f"incomplete download of {url}: received {n} of {expected} bytes (Content-Length); the partial file "
                 f"was deleted and nothing was written to {dest}. Try again."
             )
+        digest = h.hexdigest()
+        if expect is not None and digest != expect:
+            os.unlink(tmp)
+            return digest
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give it the mode a plain open() would
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return h.hexdigest()
+    return digest
 
 
-def _download(entry: WeightsEntry, dest: Path, progress: bool) -> str:
+def _download(entry: WeightsEntry, dest: Path, progress: bool, expect: str | None = None) -> str:
     try:
-        return _fetch(entry.url, dest, progress)
+        return _fetch(entry.url, dest, progress, expect)
     except DownloadError:
         raise
     except OSError as e:
@@ -211,26 +247,35 @@ def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None
 
     Verification (see the module docstring): the byte count against Content-Length; the digest against
     ``entry.sha256`` when the registry pins one (a mismatch deletes the file and raises), else against the
-    digest recorded at first use in ``<file>.sha256`` (a mismatch deletes the file and downloads it once more;
-    that download must match the record). Offline, raises ``OfflineError`` saying where to put the file by hand.
+    digest recorded at first use in ``<file>.sha256`` (a mismatch downloads it once more; that download must
+    match the record). Offline, raises ``OfflineError`` saying where to put the file by hand. The cache folder
+    is ``cache_dir``, else ``$TORCH_HOME/hub/checkpoints`` (``torch.hub.get_dir()``; default ``~/.cache/torch``).
     """
     cache = Path(cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints"))
     dest = cache / entry.filename
     record = sidecar_path(dest)
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"the weights cache {cache} is not a directory (it, or a folder above it, is a file); "
+            "move that file, or set TORCH_HOME to use another cache", str(cache)) from e
     fresh = not dest.exists()
-    digest = _download(entry, dest, progress) if fresh else sha256_of(dest)
+    pinned = entry.sha256
+    recorded = None if pinned is not None else _read_sidecar(record)
+    # a download that does not match the pinned or recorded digest is never renamed into place
+    digest = _download(entry, dest, progress, pinned or recorded) if fresh else sha256_of(dest)
 
-    if entry.sha256 is not None:  # pinned in the registry
-        if digest != entry.sha256:
-            dest.unlink(missing_ok=True)
+    if pinned is not None:  # pinned in the registry
+        if digest != pinned:
+            if not fresh:
+                dest.unlink(missing_ok=True)
             raise RuntimeError(
-                f"checksum mismatch for {entry.name}: expected sha256 {entry.sha256}, got {digest}; the file was "
+                f"checksum mismatch for {entry.name}: expected sha256 {pinned}, got {digest}; the file was "
                 "deleted - download it again"
             )
         return dest
 
-    recorded = _read_sidecar(record)
     if recorded is None:  # first use: trust these bytes and record them
         try:
             _write_sidecar(record, digest, dest.name)
@@ -245,15 +290,15 @@ def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None
     if digest == recorded:
         return dest
     if not fresh:  # the cached copy changed since first use (truncated, modified): fetch it once more
-        dest.unlink(missing_ok=True)
+        # no unlink first: a matching download replaces it atomically (another process may be repairing it too)
         print(f"warning: cached {dest} does not match the sha256 recorded at first use ({recorded}, now {digest}); "
-              "deleted it and downloading it again", file=sys.stderr)
-        digest = _download(entry, dest, progress)
+              "downloading it again", file=sys.stderr)
+        digest = _download(entry, dest, progress, recorded)
         if digest == recorded:
             return dest
-    dest.unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)  # the changed copy: must not be trusted later if the record is deleted
     raise RuntimeError(
         f"the download of {entry.name} from {entry.url} has sha256 {digest}, but the copy first used on this machine "
-        f"had {recorded} (recorded in {record}); the new file was deleted. If the release file really changed, "
+        f"had {recorded} (recorded in {record}); the new file was not kept. If the release file really changed, "
         f"delete {record} to trust the new one."
     )
