@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -78,7 +79,12 @@ def load_train_state(path: str | os.PathLike) -> dict:
 
 
 def rotate(run_dir: Path, epoch: int, keep_last: int) -> None:
-    """Keep ``last.pt`` as ``checkpoint-epochNNNN.pt`` (hard link, else copy) and prune to ``keep_last``."""
+    """Keep ``last.pt`` as ``checkpoint-epochNNNN.pt`` (hard link, else copy) and prune to ``keep_last``.
+
+    Checkpoints of epochs after ``epoch`` were written by a continuation that this run abandoned when it resumed
+    from an older checkpoint (a run's epochs only grow): they are deleted, not counted. Counted, they would make
+    the prune delete the checkpoint just written (e.g. after ``--set run.keep_last=1``) and keep checkpoints of
+    two different trajectories side by side; this run would overwrite each of them on reaching its epoch anyway."""
     if keep_last <= 0:
         return
     src, dst = run_dir / "last.pt", run_dir / f"checkpoint-epoch{epoch:04d}.pt"
@@ -92,6 +98,14 @@ def rotate(run_dir: Path, epoch: int, keep_last: int) -> None:
         except OSError:
             shutil.copy2(src, tmp)
     atomic_write(dst, place)
-    olds = sorted(run_dir.glob("checkpoint-epoch*.pt"))
-    for old in olds[:-keep_last]:
+    ours = []
+    for p in run_dir.glob("checkpoint-epoch*.pt"):
+        m = re.fullmatch(r"checkpoint-epoch(\d+)\.pt", p.name)
+        if m is None:
+            continue
+        if int(m.group(1)) > epoch:
+            p.unlink(missing_ok=True)
+        else:
+            ours.append((int(m.group(1)), p))
+    for _, old in sorted(ours)[:-keep_last]:
         old.unlink(missing_ok=True)
