@@ -347,3 +347,29 @@ def test_loop_updates_the_ema_with_the_configured_decay(tmp_path, monkeypatch, w
     # the EMA really lags: it is not simply the last weights
     last = steps[-1]["after"]
     assert any(not torch.allclose(got[n], last[n], atol=1e-4) for n in ema)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_main_rank_first_orders_the_body_around_one_barrier(monkeypatch, rank):
+    """Rank 0 runs the body (a download into the shared cache) before the barrier, the others after it; rank 0
+    reaches the barrier even when the body raises, so the others are released instead of hanging."""
+    import torch.distributed as tdist
+
+    from repvit.train.dist import DistInfo, main_rank_first
+    events: list[str] = []
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "barrier", lambda *a, **k: events.append("barrier"))
+    di = DistInfo(rank=rank, world_size=2)
+    with main_rank_first(di):
+        events.append("body")
+    assert events == (["body", "barrier"] if rank == 0 else ["barrier", "body"])
+    events.clear()
+    with pytest.raises(OSError):
+        with main_rank_first(di):
+            events.append("body")
+            raise OSError("download failed")
+    assert events.count("barrier") == 1
+    events.clear()
+    with main_rank_first(DistInfo()):                      # one process: no barrier at all
+        events.append("body")
+    assert events == ["body"]

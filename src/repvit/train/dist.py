@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_sum", "average_gradients", "broadcast_object"]
+__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_sum", "average_gradients", "broadcast_object",
+           "main_rank_first"]
 
 
 @dataclass
@@ -45,6 +48,21 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
     return DistInfo(rank, world, local_rank, dev)
+
+
+@contextlib.contextmanager
+def main_rank_first(di: DistInfo) -> Iterator[None]:
+    """Run the body on the main rank first, then on the others: what it downloads (pretrained or teacher weights
+    into a shared cache) is fetched once, not by every rank at the same time. The main rank reaches the barrier
+    even when the body raises, so the others are released (and meet the same error themselves) instead of hanging."""
+    together = di.distributed and dist.is_available() and dist.is_initialized()
+    if together and not di.is_main:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if together and di.is_main:
+            dist.barrier()
 
 
 def cleanup() -> None:

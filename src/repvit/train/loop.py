@@ -53,7 +53,7 @@ from .checkpoint import (
     rotate,
 )
 from .config import TrainConfig, check_resume_overrides, config_from_dict, config_to_dict, dump_yaml
-from .dist import DistInfo, all_reduce_sum, average_gradients, cleanup, init_distributed
+from .dist import DistInfo, all_reduce_sum, average_gradients, cleanup, init_distributed, main_rank_first
 from .distill import (
     DistillationLoss,
     build_teacher,
@@ -315,7 +315,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     # ---- model, teacher, EMA
     # on resume the weights come from last.pt: the fine-tune source need not exist any more
     try:
-        model = build_student(_no_pretrained(cfg) if state is not None else cfg, num_classes, in_chans)
+        with main_rank_first(di):        # model.pretrained may be a download: once, into the shared cache
+            model = build_student(_no_pretrained(cfg) if state is not None else cfg, num_classes, in_chans)
     except ValueError:
         if state is None and cfg.model.pretrained:
             _check_pretrained_channels(cfg.model.pretrained, bundle)     # a clearer message when that is the cause
@@ -348,8 +349,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         ema = ModelEmaV3(raw_model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
     teacher = None
     if distill:
-        teacher = build_teacher(cfg.distill.teacher, cfg.distill.teacher_checkpoint, num_classes=num_classes,
-                                in_chans=in_chans).to(device)
+        with main_rank_first(di):        # a pretrained teacher is downloaded once, not by every rank at once
+            teacher = build_teacher(cfg.distill.teacher, cfg.distill.teacher_checkpoint, num_classes=num_classes,
+                                    in_chans=in_chans).to(device)
         if cfg.run.channels_last:
             teacher.to(memory_format=torch.channels_last)
         members = list(getattr(teacher.model, "members", [teacher.model]))   # an ensemble: each member
