@@ -306,6 +306,24 @@ def test_resume_from_an_older_checkpoint_keeps_its_own_best(finished_run, tmp_pa
         assert not (run / "best-abandoned.safetensors").exists()
 
 
+def test_a_resumed_finished_run_sets_its_final_files_aside_until_it_finishes(finished_run, tmp_path, monkeypatch):
+    """While a finished run continues from an older checkpoint, summary.json and deploy.safetensors would describe
+    the abandoned continuation (and summary.json says "finished"): they are moved aside at the resume, not lost."""
+    import repvit.train.loop as loop
+    run = _copy(finished_run, tmp_path / "run")
+    summary, deploy = (run / "summary.json").read_bytes(), (run / "deploy.safetensors").read_bytes()
+
+    def killed(obj, path):
+        raise KeyboardInterrupt("simulated kill at the first checkpoint of the resumed run")
+    monkeypatch.setattr(loop, "atomic_torch_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(None, resume=run / "checkpoint-epoch0001.pt")
+    assert not (run / "summary.json").exists() and not (run / "deploy.safetensors").exists()
+    assert (run / "summary-abandoned.json").read_bytes() == summary
+    assert (run / "deploy-abandoned.safetensors").read_bytes() == deploy
+    assert "moved aside until it finishes again: summary.json -> summary-abandoned.json" in (run / "train.log").read_text()
+
+
 def test_a_best_file_written_after_a_mid_epoch_checkpoint_is_not_adopted(tmp_path, monkeypatch):
     """Killed after a mid-epoch checkpoint, once the best file had been rewritten (the epoch's end evaluated,
     last.pt not yet written): the file's record is from after the resume point. The checkpoint does not hold

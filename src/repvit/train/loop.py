@@ -508,6 +508,16 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
             os.replace(run_dir / "best.safetensors", run_dir / ABANDONED_BEST)
         if rewrite_from is not None:        # the weights just restored from the checkpoint are its best epoch's
             save_best(ema.module if rewrite_from == "ema" else raw_model, best)
+    if di.is_main and state is not None and (run_dir / "summary.json").exists():
+        # the run had finished (or a continuation abandoned for this checkpoint had): until this one finishes, its
+        # summary and deploy file would describe a run that is not the one on disk - kept aside, not deleted
+        moved = []
+        for name, aside in (("summary.json", "summary-abandoned.json"),
+                            ("deploy.safetensors", "deploy-abandoned.safetensors")):
+            if (run_dir / name).exists():
+                os.replace(run_dir / name, run_dir / aside)
+                moved.append(f"{name} -> {aside}")
+        log(f"note: this run had written its final files; moved aside until it finishes again: {', '.join(moved)}")
 
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.schedule.epochs):
