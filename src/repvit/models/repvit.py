@@ -233,7 +233,13 @@ class RepDWConv(nn.Module):
             self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x) + self.conv1(x) + x)
+        if self.legacy:
+            return self.conv(x) + self.conv1(x) + x
+        # conv1(x) + x is a per-channel affine map, x * (w + 1) + b: computed as one elementwise kernel instead of
+        # a 1x1 depthwise conv plus an add (same function, same parameters; on CPU the conv's backward costs up to
+        # 2.5x more, benchmarks/dw1x1_affine.py). Traced exports see the same Mul/Add; the deploy form folds it.
+        w, b = self.conv1.weight, self.conv1.bias
+        return self.bn(self.conv(x) + torch.addcmul(b.view(1, -1, 1, 1), x, w.view(1, -1, 1, 1) + 1))
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
