@@ -373,3 +373,30 @@ def test_main_rank_first_orders_the_body_around_one_barrier(monkeypatch, rank):
     with main_rank_first(DistInfo()):                      # one process: no barrier at all
         events.append("body")
     assert events == ["body"]
+
+
+def test_aside_path_never_reuses_a_name(tmp_path):
+    from repvit.train.loop import _aside_path
+    assert _aside_path(tmp_path, "best-abandoned.safetensors") == tmp_path / "best-abandoned.safetensors"
+    (tmp_path / "best-abandoned.safetensors").write_text("first")
+    assert _aside_path(tmp_path, "best-abandoned.safetensors") == tmp_path / "best-abandoned-2.safetensors"
+    (tmp_path / "best-abandoned-2.safetensors").write_text("second")
+    assert _aside_path(tmp_path, "best-abandoned.safetensors").name == "best-abandoned-3.safetensors"
+
+
+def test_indexed_dataset_without_seeds_draws_fresh_randomness():
+    """Keys without a seed must not restore the random streams after each sample (every call would then repeat
+    the same augmentation); keys with one are reproducible."""
+    from repvit.train.loop import _Indexed
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(()), i
+
+    ds = _Indexed(Noisy())
+    assert ds[0][0] != ds[0][0]
+    assert ds.__getitems__([0, 1])[0][0] != ds.__getitems__([0, 1])[0][0]
+    assert ds[(0, 7)][0] == ds[(0, 7)][0] and ds[(0, 7)][0] != ds[(0, 8)][0]

@@ -147,6 +147,23 @@ def test_a_download_that_fails_verification_never_replaces_the_cached_file(tmp_p
     assert dest.read_bytes() == GOOD
 
 
+def test_a_failed_repair_keeps_a_good_copy_another_process_put_in_place(tmp_path, monkeypatch):
+    """This process finds a changed cached copy and its re-download fails verification; meanwhile another process
+    repaired the file. The clean-up must not delete that good copy: the call returns it instead of raising."""
+    dest = tmp_path / ENTRY.filename
+    dest.write_bytes(BAD)
+    hub.sidecar_path(dest).write_text(f"{_sha(GOOD)}  {ENTRY.filename}\n")
+    _serve(monkeypatch, BAD, before=lambda: dest.write_bytes(GOOD))
+    assert hub.download_weights(ENTRY, cache_dir=tmp_path, progress=False) == dest
+    assert dest.read_bytes() == GOOD
+    # nobody repaired it: the changed copy is deleted and the error says so
+    dest.write_bytes(BAD)
+    _serve(monkeypatch, BAD)
+    with pytest.raises(RuntimeError, match="not kept"):
+        hub.download_weights(ENTRY, cache_dir=tmp_path, progress=False)
+    assert not dest.exists()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass

@@ -88,7 +88,7 @@ def seed_sample(seed: int) -> None:
     """Seed Python's, NumPy's and torch's CPU random streams (what timm/torchvision transforms draw from) for one
     sample. Wrap a batch of such calls in :func:`preserved_rng` where the streams serve other draws too."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed((seed >> 30) & 0xFFFFFFFF)     # other bits than torch's: the two MT19937 streams must differ
     torch.default_generator.manual_seed(seed)   # CPU only: torch.manual_seed would initialise CUDA in a worker
 
 

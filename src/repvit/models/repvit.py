@@ -233,13 +233,25 @@ class RepDWConv(nn.Module):
             self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.legacy:
-            return self.conv(x) + self.conv1(x) + x
-        # conv1(x) + x is a per-channel affine map, x * (w + 1) + b: computed as one elementwise kernel instead of
-        # a 1x1 depthwise conv plus an add (same function, same parameters; on CPU the conv's backward costs up to
-        # 2.5x more, benchmarks/dw1x1_affine.py). Traced exports see the same Mul/Add; the deploy form folds it.
+        if not torch.jit.is_scripting():    # (alone in its condition: TorchScript drops this branch only then)
+            if not self.legacy and self._affine_branch(x):
+                return self.bn(self.conv(x) + self._conv1_plus_identity(x))
+        return self.bn(self.conv(x) + self.conv1(x) + x)      # (legacy: bn is Identity)
+
+    @torch.jit.unused
+    def _affine_branch(self, x: torch.Tensor) -> bool:
+        # CPU training only, where it was measured; inference, GPUs, exports, compile and hooks on conv1 see the conv
+        return (x.device.type == "cpu" and torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling())
+
+    @torch.jit.unused
+    def _conv1_plus_identity(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1(x) + x as one per-channel affine map, x * (w + 1) + b: the same function and parameters, one
+        elementwise kernel instead of a 1x1 depthwise conv and an add, whose backward costs more on CPU
+        (benchmarks/dw1x1_affine.py). Computed with float32 parameters, rounded once to x's dtype (under autocast
+        the stream stays bf16/fp16, as with the conv)."""
         w, b = self.conv1.weight, self.conv1.bias
-        return self.bn(self.conv(x) + torch.addcmul(b.view(1, -1, 1, 1), x, w.view(1, -1, 1, 1) + 1))
+        return torch.addcmul(b.view(1, -1, 1, 1), x, w.view(1, -1, 1, 1) + 1).to(x.dtype)
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -46,7 +47,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        # 30 min, not NCCL's 10: the other ranks wait in a barrier while rank 0 downloads pretrained or teacher
+        # weights into the shared cache (main_rank_first); a large teacher on a slow link can take that long
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=timedelta(minutes=30))
     return DistInfo(rank, world, local_rank, dev)
 
 

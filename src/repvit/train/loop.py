@@ -105,10 +105,14 @@ class _Indexed(torch.utils.data.Dataset):
         return None if item is None else (*item, i)
 
     def __getitem__(self, key: int | tuple[int, int]):
+        if not isinstance(key, tuple):
+            return self._get(key)        # no seed: draw from the streams as they are (restoring would repeat)
         with preserved_rng():
             return self._get(key)
 
     def __getitems__(self, keys: list) -> list:
+        if not any(isinstance(k, tuple) for k in keys):
+            return [self._get(k) for k in keys]
         with preserved_rng():
             return [self._get(k) for k in keys]
 
@@ -390,7 +394,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     # ---- resume
     start_epoch, start_micro, step = 0, 0, 0
     best = {"top1": -1.0, "epoch": -1, "source": "raw"}
-    best_fix: tuple[bool, str | None] | None = None   # on resume: what _resume_best says to do with the best file
+    best_fix: tuple[Path | None, str | None] | None = None   # on resume: what _resume_best says to do with best
     resumed_acc: dict | None = None             # the interrupted epoch's accumulators (mid-epoch checkpoints)
     if state is not None:
         raw_model.load_state_dict(state["model"])
@@ -503,20 +507,22 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     if di.is_main and best_fix is not None:
         # here, not in the resume block: DDP's construction above synchronises the ranks, so none of them is still
         # reading the best file's record when it moves
-        move_aside, rewrite_from = best_fix
-        if move_aside:
-            os.replace(run_dir / "best.safetensors", run_dir / ABANDONED_BEST)
+        aside, rewrite_from = best_fix
+        if aside is not None:
+            os.replace(run_dir / "best.safetensors", aside)
         if rewrite_from is not None:        # the weights just restored from the checkpoint are its best epoch's
             save_best(ema.module if rewrite_from == "ema" else raw_model, best)
-    if di.is_main and state is not None and (run_dir / "summary.json").exists():
-        # the run had finished (or a continuation abandoned for this checkpoint had): until this one finishes, its
-        # summary and deploy file would describe a run that is not the one on disk - kept aside, not deleted
+    final_files = ("summary.json", "deploy.safetensors")
+    if di.is_main and state is not None and any((run_dir / n).exists() for n in final_files):
+        # the run had finished (or a continuation abandoned for this checkpoint had, or was killed while finishing):
+        # until this one finishes, its summary and deploy file would describe a run that is not the one on disk -
+        # kept aside, not deleted
         moved = []
-        for name, aside in (("summary.json", "summary-abandoned.json"),
-                            ("deploy.safetensors", "deploy-abandoned.safetensors")):
+        for name in final_files:
             if (run_dir / name).exists():
-                os.replace(run_dir / name, run_dir / aside)
-                moved.append(f"{name} -> {aside}")
+                aside = _aside_path(run_dir, name.replace(".", "-abandoned.", 1))
+                os.replace(run_dir / name, aside)
+                moved.append(f"{name} -> {aside.name}")
         log(f"note: this run had written its final files; moved aside until it finishes again: {', '.join(moved)}")
 
     epoch = start_epoch
@@ -776,14 +782,25 @@ def _read_best_record(path: Path) -> dict | None:
 
 
 ABANDONED_BEST = "best-abandoned.safetensors"    # a best file set aside on resume (see _resume_best)
+
+
+def _aside_path(run_dir: Path, name: str) -> Path:
+    """``run_dir/name``, or ``stem-2.ext``, ``stem-3.ext``... if taken: a file set aside never replaces one set
+    aside by an earlier resume (a resume killed before its first checkpoint, resumed again, sets aside twice)."""
+    path, stem, ext = run_dir / name, name.split(".", 1)[0], "." + name.split(".", 1)[1]
+    n = 2
+    while path.exists():
+        path, n = run_dir / f"{stem}-{n}{ext}", n + 1
+    return path
 _NO_BEST = {"top1": -1.0, "epoch": -1, "source": "raw"}
 
 
 def _resume_best(best: dict, path: Path, log: Callable[[str], None], *, epoch: int, micro: int,
-                 has_ema: bool) -> tuple[dict, tuple[bool, str | None] | None]:
+                 has_ema: bool) -> tuple[dict, tuple[Path | None, str | None] | None]:
     """The best record a run resumed from a checkpoint at (``epoch``, ``micro``) continues with, and what to do
     with the best file at ``path`` first: None (it holds the weights of ``best``, the checkpoint's record), or
-    (move it aside to ABANDONED_BEST, rewrite it from the restored 'raw'/'ema' weights or None).
+    (the path to move it aside to (ABANDONED_BEST, or a free variant of it) or None, rewrite it from the restored
+    'raw'/'ema' weights or None).
 
     save_best writes the file (with its record) before save_last writes a checkpoint holding that record, so the
     file holds another record only when it was written after the checkpoint: by the part of an epoch a kill cut
@@ -799,19 +816,20 @@ def _resume_best(best: dict, path: Path, log: Callable[[str], None], *, epoch: i
     missing = best["epoch"] >= 0 and not path.is_file()
     if not (stale or missing):
         return best, None           # (a file without a record, from before records were written, is kept)
+    aside = _aside_path(path.parent, ABANDONED_BEST) if stale else None
     what = (f"{path.name} holds the {rec['source']} weights of epoch {rec['epoch'] + 1} (top-1 {rec['top1']:.2f}), "
-            f"written after this checkpoint by a continuation that this resume abandons; moved to {ABANDONED_BEST}"
+            f"written after this checkpoint by a continuation that this resume abandons; moved to {aside.name}"
             if stale else f"{path.name} is missing")
     mine = f"this checkpoint's best, epoch {best['epoch'] + 1} ({best['source']}, top-1 {best['top1']:.2f})"
     if best["epoch"] >= 0 and micro == 0 and best["epoch"] == epoch - 1 and (best["source"] == "raw" or has_ema):
         log(f"note: {what}; {path.name} is rewritten from the weights of {mine}, which it holds")
-        return best, (stale, best["source"])
+        return best, (aside, best["source"])
     if best["epoch"] >= 0:
         log(f"note: {what}; the weights of {mine} are not in it, so that record is dropped: this run's next "
             f"evaluated epoch writes a new {path.name}")
     else:
         log(f"note: {what}; this run's next evaluated epoch writes a new {path.name}")
-    return dict(_NO_BEST), (stale, None)
+    return dict(_NO_BEST), (aside, None)
 
 
 def _reconcile_best(best: dict, path: Path, log: Callable[[str], None]) -> dict:

@@ -13,7 +13,14 @@ __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_of"
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+    try:  # Linux: read it without changing it (setting it, even briefly, races with other threads' file creation)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only portable way to read it is to set it; put it straight back
     os.umask(mask)
     return mask
 

@@ -242,6 +242,18 @@ def _download(entry: WeightsEntry, dest: Path, progress: bool, expect: str | Non
         ) from e
 
 
+def _unlink_unless(path: Path, good: str) -> bool:
+    """Delete ``path`` unless it has the sha256 ``good`` (another process sharing the cache may have just put the
+    right file in place); True when it was deleted or is gone."""
+    try:
+        if sha256_of(path) == good:
+            return False
+    except FileNotFoundError:
+        return True
+    path.unlink(missing_ok=True)
+    return True
+
+
 def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Return the local path of ``entry``'s file, downloading it into the torch.hub cache if needed.
 
@@ -268,8 +280,8 @@ def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None
 
     if pinned is not None:  # pinned in the registry
         if digest != pinned:
-            if not fresh:
-                dest.unlink(missing_ok=True)
+            if not fresh and not _unlink_unless(dest, pinned):
+                return dest             # another process put the right file in place meanwhile
             raise RuntimeError(
                 f"checksum mismatch for {entry.name}: expected sha256 {pinned}, got {digest}; the file was "
                 "deleted - download it again"
@@ -296,7 +308,10 @@ def download_weights(entry: WeightsEntry, *, cache_dir: str | os.PathLike | None
         digest = _download(entry, dest, progress, recorded)
         if digest == recorded:
             return dest
-        dest.unlink(missing_ok=True)  # the changed copy: must not be trusted later if the record is deleted
+        # the changed copy must not be trusted later if the record is deleted - unless another process has
+        # repaired the file meanwhile
+        if not _unlink_unless(dest, recorded):
+            return dest
     raise RuntimeError(
         f"the download of {entry.name} from {entry.url} has sha256 {digest}, but the copy first used on this machine "
         f"had {recorded} (recorded in {record}); the new file was not kept. If the release file really changed, "
