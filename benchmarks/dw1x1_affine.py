@@ -1,11 +1,12 @@
-"""The token mixer's 1x1 branch while training: a 1x1 depthwise conv plus the identity, or one affine map.
+"""The token mixer's 1x1 branch while training: a 1x1 depthwise conv plus the identity, or one affine map?
 
 RepViT's token mixer is ``bn(dwconv3x3_bn(x) + dwconv1x1(x) + x)``. The last two terms are a per-channel affine
-map, ``x * (w + 1) + b``; ``repvit.models.repvit.RepDWConv`` computes them as one ``torch.addcmul`` (same
-function, same parameters) instead of the conv and an add, as the official code and timm do. This script times
-both forms, forward + backward, at RepViT-M0.9's stage shapes for a given input size, in NCHW and channels_last,
-fp32 and bf16 autocast: interleaved in one process, order alternated per round, median and spread of the
-per-round ratios.
+map, ``x * (w + 1) + b``, which one ``torch.addcmul`` computes with the same parameters (rounded once to the
+stream's dtype). This script times both forms, forward + backward, at RepViT-M0.9's stage shapes for a given input
+size, in NCHW and channels_last, fp32 and bf16 autocast (bf16 activations in, as in the network): interleaved in
+one process, order alternated per round, median and spread of the per-round ratios. It decided against the
+affine form: faster in NCHW float32 only, slower in the channels_last / bf16 settings that train fastest on CPU,
+so ``repvit.models.repvit.RepDWConv`` keeps the conv (as the official code and timm do).
 
     python benchmarks/dw1x1_affine.py --threads 2 --batch 256 --res 64 --rounds 9
 
@@ -34,7 +35,8 @@ WIDTHS = (48, 96, 192, 384)   # RepViT-M0.9, stages 1-4 (strides 4, 8, 16, 32)
 def _forms(c: int):
     conv = torch.nn.Conv2d(c, c, 1, groups=c, bias=True)
     return {"conv_plus_identity": lambda x: conv(x) + x,
-            "affine": lambda x: torch.addcmul(conv.bias.view(1, c, 1, 1), x, conv.weight.view(1, c, 1, 1) + 1)}
+            # as RepDWConv._conv1_plus_identity: float32 parameters, rounded once to the stream's dtype
+            "affine": lambda x: torch.addcmul(conv.bias.view(1, c, 1, 1), x, conv.weight.view(1, c, 1, 1) + 1).to(x.dtype)}
 
 
 def measure(args) -> list[dict]:
@@ -44,7 +46,8 @@ def measure(args) -> list[dict]:
         for layout in ("nchw", "channels_last"):
             for dtype in ("fp32", "bf16"):
                 fns = _forms(c)
-                x0 = torch.randn(args.batch, c, hw, hw)
+                # under bf16 autocast the activations reaching the token mixer are bf16 (the previous conv's output)
+                x0 = torch.randn(args.batch, c, hw, hw, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
                 if layout == "channels_last":
                     x0 = x0.contiguous(memory_format=torch.channels_last)
                 times: dict[str, list[float]] = {k: [] for k in fns}

@@ -193,47 +193,6 @@ def test_low_precision_fusion_rounds_once(name, dtype):
     assert not bad, bad[:5]
 
 
-# ----------------------------------------------------------------------------- the token mixer's affine 1x1 branch
-
-
-def test_affine_1x1_branch_equals_the_conv_in_value_and_gradients(monkeypatch):
-    """CPU training computes conv1(x) + x as x * (w + 1) + b (RepDWConv._conv1_plus_identity): outputs and the
-    gradients of x, w and b equal the module path's (float64: exact up to rounding)."""
-    from repvit.models.repvit import RepDWConv
-    torch.manual_seed(0)
-    block = RepDWConv(16).double().train()
-    randomize_bn(block)
-    x = torch.randn(4, 16, 6, 6, dtype=torch.float64)
-
-    def run(affine: bool):
-        monkeypatch.setattr(RepDWConv, "_affine_branch", lambda self, x: affine)
-        block.zero_grad()
-        xi = x.clone().requires_grad_()
-        y = block(xi)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        return y.detach(), xi.grad, block.conv1.weight.grad.clone(), block.conv1.bias.grad.clone()
-    for a, b in zip(run(True), run(False)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert run(True)[2].abs().max() > 0          # the branch's parameters get a gradient
-
-
-def test_affine_branch_only_in_cpu_training_and_autocast_keeps_the_stream_dtype():
-    """Inference (and hooks on conv1) see the conv; under bf16 autocast the training stream stays bf16 (the affine
-    map rounds once to the input's dtype instead of promoting the whole network to float32)."""
-    from repvit.models.repvit import RepDWConv
-    model = repvit.create_model("repvit_m0_6", num_classes=4).train()
-    blocks = [m for m in model.modules() if isinstance(m, RepDWConv)]
-    calls = []
-    blocks[0].conv1.register_forward_hook(lambda *a: calls.append(1))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        model(x)
-    assert calls == [1]                          # inference: the module is called
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        feats = model.forward_features(x)
-    assert calls == [1] and feats.dtype == torch.bfloat16
-
-
 def test_train_form_model_scripts():
     model = repvit.create_model("repvit_m0_6", num_classes=4).eval()
     scripted = torch.jit.script(model)

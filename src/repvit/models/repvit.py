@@ -233,25 +233,9 @@ class RepDWConv(nn.Module):
             self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():    # (alone in its condition: TorchScript drops this branch only then)
-            if not self.legacy and self._affine_branch(x):
-                return self.bn(self.conv(x) + self._conv1_plus_identity(x))
-        return self.bn(self.conv(x) + self.conv1(x) + x)      # (legacy: bn is Identity)
-
-    @torch.jit.unused
-    def _affine_branch(self, x: torch.Tensor) -> bool:
-        # CPU training only, where it was measured; inference, GPUs, exports, compile and hooks on conv1 see the conv
-        return (x.device.type == "cpu" and torch.is_grad_enabled() and not torch.jit.is_tracing()
-                and not torch.compiler.is_compiling())
-
-    @torch.jit.unused
-    def _conv1_plus_identity(self, x: torch.Tensor) -> torch.Tensor:
-        """conv1(x) + x as one per-channel affine map, x * (w + 1) + b: the same function and parameters, one
-        elementwise kernel instead of a 1x1 depthwise conv and an add, whose backward costs more on CPU
-        (benchmarks/dw1x1_affine.py). Computed with float32 parameters, rounded once to x's dtype (under autocast
-        the stream stays bf16/fp16, as with the conv)."""
-        w, b = self.conv1.weight, self.conv1.bias
-        return torch.addcmul(b.view(1, -1, 1, 1), x, w.view(1, -1, 1, 1) + 1).to(x.dtype)
+        # conv1(x) + x stays a 1x1 depthwise conv plus an add: as one affine map (addcmul) it is the same function,
+        # faster in NCHW float32 CPU training but slower in channels_last / bf16 (benchmarks/dw1x1_affine.py)
+        return self.bn(self.conv(x) + self.conv1(x) + x)
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
