@@ -425,3 +425,14 @@ def test_rotate_after_resuming_an_older_checkpoint_keeps_this_runs_checkpoints(t
     kept = sorted(p.name for p in tmp_path.glob("checkpoint-epoch*.pt"))
     assert kept == ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt"][-keep_last:]
     assert (tmp_path / "checkpoint-epoch0002.pt").read_bytes() == b"new"
+
+
+def test_rotate_with_keep_last_zero_still_removes_the_abandoned_continuations_checkpoints(tmp_path):
+    """keep_last can be lowered to 0 on --resume: no checkpoint is written, but the abandoned continuation's
+    files of this epoch and later (another trajectory) must not stay next to this run's."""
+    from repvit.train.checkpoint import rotate
+    for n in (1, 2, 3):
+        (tmp_path / f"checkpoint-epoch{n:04d}.pt").write_bytes(b"old %d" % n)
+    (tmp_path / "last.pt").write_bytes(b"new")
+    rotate(tmp_path, 2, keep_last=0)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-epoch*.pt")) == ["checkpoint-epoch0001.pt"]

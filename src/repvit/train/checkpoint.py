@@ -85,7 +85,15 @@ def rotate(run_dir: Path, epoch: int, keep_last: int) -> None:
     from an older checkpoint (a run's epochs only grow): they are deleted, not counted. Counted, they would make
     the prune delete the checkpoint just written (e.g. after ``--set run.keep_last=1``) and keep checkpoints of
     two different trajectories side by side; this run would overwrite each of them on reaching its epoch anyway."""
+    def numbered() -> list[tuple[int, Path]]:
+        found = ((re.fullmatch(r"checkpoint-epoch(\d+)\.pt", p.name), p) for p in run_dir.glob("checkpoint-epoch*.pt"))
+        return [(int(m.group(1)), p) for m, p in found if m is not None]
+
     if keep_last <= 0:
+        # none kept, but an abandoned continuation's files (this epoch's too: this run writes no new one) still go
+        for n, p in numbered():
+            if n >= epoch:
+                p.unlink(missing_ok=True)
         return
     src, dst = run_dir / "last.pt", run_dir / f"checkpoint-epoch{epoch:04d}.pt"
 
@@ -99,13 +107,10 @@ def rotate(run_dir: Path, epoch: int, keep_last: int) -> None:
             shutil.copy2(src, tmp)
     atomic_write(dst, place)
     ours = []
-    for p in run_dir.glob("checkpoint-epoch*.pt"):
-        m = re.fullmatch(r"checkpoint-epoch(\d+)\.pt", p.name)
-        if m is None:
-            continue
-        if int(m.group(1)) > epoch:
+    for n, p in numbered():
+        if n > epoch:
             p.unlink(missing_ok=True)
         else:
-            ours.append((int(m.group(1)), p))
+            ours.append((n, p))
     for _, old in sorted(ours)[:-keep_last]:
         old.unlink(missing_ok=True)
