@@ -105,15 +105,12 @@ class _Indexed(torch.utils.data.Dataset):
         return None if item is None else (*item, i)
 
     def __getitem__(self, key: int | tuple[int, int]):
-        if not isinstance(key, tuple):
-            return self._get(key)        # no seed: draw from the streams as they are (restoring would repeat)
-        with preserved_rng():
-            return self._get(key)
+        return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list) -> list:
-        if not any(isinstance(k, tuple) for k in keys):
-            return [self._get(k) for k in keys]
-        with preserved_rng():
+        # without seeds, draw from the streams as they are (restoring them would repeat the same draws)
+        seeded = any(isinstance(k, tuple) for k in keys)
+        with preserved_rng() if seeded else contextlib.nullcontext():
             return [self._get(k) for k in keys]
 
 
