@@ -4,6 +4,7 @@ modes in a shared cache, processes repairing the cache at once, and the real url
 No test touches the network; ``download_weights`` does not parse the file, so plain bytes stand in for weights.
 """
 
+import builtins
 import hashlib
 import http.server
 import io
@@ -54,11 +55,9 @@ def test_download_gets_the_umask_mode_not_owner_only(tmp_path, monkeypatch):
 
 def test_disk_full_while_downloading_is_a_local_error_not_offline(tmp_path, monkeypatch):
     _serve(monkeypatch, GOOD)
-    real_fdopen = os.fdopen
-
     class Full(io.RawIOBase):
-        def __init__(self, fd):
-            self.f = real_fdopen(fd, "wb")
+        def __init__(self, path):
+            self.f = builtins.open(path, "wb")
 
         def write(self, b):
             raise OSError(28, "No space left on device")
@@ -70,7 +69,7 @@ def test_disk_full_while_downloading_is_a_local_error_not_offline(tmp_path, monk
             self.f.close()
             super().close()
 
-    monkeypatch.setattr(hub.os, "fdopen", lambda fd, mode: Full(fd))
+    monkeypatch.setattr(hub, "open", lambda path, mode: Full(path), raising=False)  # the download's temp file
     with pytest.raises(OSError, match=r"No space left on device: .*\.part") as err:
         hub.download_weights(ENTRY, cache_dir=tmp_path, progress=False)
     assert not isinstance(err.value, hub.OfflineError) and err.value.errno == 28

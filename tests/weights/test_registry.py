@@ -13,6 +13,7 @@ import torch
 
 import repvit
 from repvit.models import FACTS
+from repvit.utils import files
 from repvit.utils.files import sha256_of
 from repvit.weights import hub, layouts
 from repvit.weights.layouts import CorruptCheckpointError
@@ -155,10 +156,10 @@ def test_a_local_error_while_downloading_is_not_called_offline(tmp_path, monkeyp
     def no_temp_file(*args, dir=None, **kw):  # the cache folder refuses the temporary download file
         raise PermissionError(13, "Permission denied", str(dir))
 
-    monkeypatch.setattr(hub.tempfile, "mkstemp", no_temp_file)
+    monkeypatch.setattr(files.tempfile, "mkstemp", no_temp_file)
     with pytest.raises(PermissionError, match="Permission denied") as err:
         hub.download_weights(entry, cache_dir=cache, progress=False)
-    assert not isinstance(err.value, hub.OfflineError)
+    assert not isinstance(err.value, hub.OfflineError) and err.value.filename == str(cache)
 
 
 def test_short_download_against_content_length_is_rejected(tmp_path, monkeypatch):

@@ -25,17 +25,21 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` for a temp file in the target folder, then rename it over ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp_path)`` for a temp file in the target folder, then rename it over ``path``.
+
+    Anything ``write`` raises deletes the temp file and leaves ``path`` as it was (a caller aborts a write
+    that turned out unwanted, e.g. a download of the wrong digest, by raising)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file path")
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {parent} is not a writable directory ({e.strerror or e})") from e
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
+    except OSError as e:  # errno and filename kept: callers tell a local error from a network one by them
+        raise OSError(e.errno, f"cannot write {path}: {parent} is not a writable directory ({e.strerror or e})",
+                      str(parent)) from e
     os.close(fd)
     try:
         write(tmp)

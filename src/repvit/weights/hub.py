@@ -36,7 +36,6 @@ import errno
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from typing import BinaryIO
 
 import torch
 
-from ..utils.files import _umask, sha256_of
+from ..utils.files import atomic_write, atomic_write_text, sha256_of
 
 __all__ = ["WeightsEntry", "WEIGHTS", "get_weights", "list_weights", "download_weights", "sidecar_path",
            "OfflineError", "DownloadError"]
@@ -149,8 +148,6 @@ def _read_sidecar(path: Path) -> str | None:
 
 
 def _write_sidecar(path: Path, digest: str, name: str) -> None:
-    from ..utils.files import atomic_write_text
-
     atomic_write_text(path, f"{digest}  {name}\n")
 
 
@@ -172,6 +169,10 @@ def _write_local(out: BinaryIO, chunk: bytes | None, tmp: str) -> None:
         raise OSError(e.errno, e.strerror or str(e), tmp) from e
 
 
+class _Discard(Exception):
+    """Raised inside the atomic write to drop a download whose digest is not the expected one."""
+
+
 def _fetch(url: str, dest: Path, progress: bool, expect: str | None = None) -> str:
     """Download ``url`` to ``dest`` via a temp file in the same folder; returns the sha256 of what was downloaded.
 
@@ -179,10 +180,11 @@ def _fetch(url: str, dest: Path, progress: bool, expect: str | None = None) -> s
     server's Content-Length announced; network errors propagate. With ``expect``, a download of another sha256 is
     discarded and ``dest`` left as it was (the caller compares the returned digest). The rename is atomic.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    h, n = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as out, _open_url(url) as resp:
+    h = hashlib.sha256()
+
+    def write(tmp: str) -> None:
+        n = 0
+        with open(tmp, "wb") as out, _open_url(url) as resp:
             length = (resp.headers.get("Content-Length") or "").strip()
             expected = int(length) if length.isdigit() else None
             bar = None
@@ -208,17 +210,14 @@ def _fetch(url: str, dest: Path, progress: bool, expect: str | None = None) -> s
                 f"incomplete download of {url}: received {n} of {expected} bytes (Content-Length); the partial file "
                 f"was deleted and nothing was written to {dest}. Try again."
             )
-        digest = h.hexdigest()
-        if expect is not None and digest != expect:
-            os.unlink(tmp)
-            return digest
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give it the mode a plain open() would
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return digest
+        if expect is not None and h.hexdigest() != expect:
+            raise _Discard
+
+    try:
+        atomic_write(dest, write, suffix=".part")
+    except _Discard:
+        pass
+    return h.hexdigest()
 
 
 def _download(entry: WeightsEntry, dest: Path, progress: bool, expect: str | None = None) -> str:
