@@ -85,32 +85,30 @@ def rotate(run_dir: Path, epoch: int, keep_last: int) -> None:
     from an older checkpoint (a run's epochs only grow): they are deleted, not counted. Counted, they would make
     the prune delete the checkpoint just written (e.g. after ``--set run.keep_last=1``) and keep checkpoints of
     two different trajectories side by side; this run would overwrite each of them on reaching its epoch anyway."""
-    def numbered() -> list[tuple[int, Path]]:
-        found = ((re.fullmatch(r"checkpoint-epoch(\d+)\.pt", p.name), p) for p in run_dir.glob("checkpoint-epoch*.pt"))
-        return [(int(m.group(1)), p) for m, p in found if m is not None]
+    kept = keep_last > 0
+    if kept:
+        src, dst = run_dir / "last.pt", run_dir / f"checkpoint-epoch{epoch:04d}.pt"
 
-    if keep_last <= 0:
-        # none kept, but an abandoned continuation's files (this epoch's too: this run writes no new one) still go
-        for n, p in numbered():
-            if n >= epoch:
-                p.unlink(missing_ok=True)
-        return
-    src, dst = run_dir / "last.pt", run_dir / f"checkpoint-epoch{epoch:04d}.pt"
-
-    def place(tmp: str) -> None:
-        # link (or copy) under a temporary name that atomic_write then renames over dst: a kill at any moment
-        # leaves the old dst or the complete new one, never a missing or half-copied file
-        os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-    atomic_write(dst, place)
+        def place(tmp: str) -> None:
+            # link (or copy) under a temporary name that atomic_write then renames over dst: a kill at any moment
+            # leaves the old dst or the complete new one, never a missing or half-copied file
+            os.unlink(tmp)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copy2(src, tmp)
+        atomic_write(dst, place)
     ours = []
-    for n, p in numbered():
-        if n > epoch:
+    for p in run_dir.glob("checkpoint-epoch*.pt"):
+        m = re.fullmatch(r"checkpoint-epoch(\d+)\.pt", p.name)
+        if m is None:
+            continue
+        n = int(m.group(1))
+        # with none kept this run writes no file of this epoch, so one found is the abandoned continuation's too
+        if n > epoch or (n == epoch and not kept):
             p.unlink(missing_ok=True)
         else:
             ours.append((n, p))
-    for _, old in sorted(ours)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    if kept:
+        for _, old in sorted(ours)[:-keep_last]:
+            old.unlink(missing_ok=True)
