@@ -165,6 +165,34 @@ def test_int8_runtime_prepares_and_runs(tmp_path: Path):
     assert "QuantizeLinear" in ops or "QLinearConv" in ops
 
 
+@pytest.mark.parametrize("source", ["repvit", "timm"])
+def test_nchwc_runtime_runs_the_rewritten_graph_of_any_model(tmp_path: Path, source):
+    """onnxruntime_nchwc: the SE pass applied to our export and to a peer's plain torch.onnx export alike, the
+    outputs those of the fp32 model."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnx
+    import torch
+
+    from repvit import reparameterize
+    from repvit.bench.runtimes import prepare
+    from repvit.models import build_model
+    torch.manual_seed(0)
+    if source == "repvit":
+        model = reparameterize(build_model("repvit_m0_6", num_classes=10).eval())
+    else:
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("repvit_m0_9", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    run, facts = prepare("onnxruntime_nchwc", model, x, tmp_path, threads=1, tag="m")
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(run()[0], want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.nchwc.onnx")).graph.node]
+    assert facts["dtype"] == "fp32" and facts["model_file"] == "m.nchwc.onnx"
+    assert ops.count("Resize") == ops.count("GlobalAveragePool") > 0 and f"{ops.count('Resize')} gates" in facts["note"]
+
+
 def test_openvino_int8_runtime_prepares_and_runs(tmp_path: Path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")

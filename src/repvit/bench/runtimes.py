@@ -6,6 +6,8 @@ torchscript          TorchScript frozen + optimize_for_inference (oneDNN prepack
 eager_bf16           PyTorch eager with bf16 weights and input (emulated on CPUs without bf16)
 compile              torch.compile (inductor, weight freezing) fp32
 onnxruntime          ONNX Runtime CPU fp32, all graph optimisations
+onnxruntime_nchwc    the same on the graph after repvit.export.ort_layout's SE pass (any model: the pass is a graph
+                     rewrite, so a peer's SE blocks get it too)
 onnxruntime_int8     ONNX Runtime static INT8 (QDQ, per-channel). RepViT: repvit.export.quantize_onnx on 16 digits
                      calibration images; other models: random calibration. A speed measurement only
 openvino             OpenVINO CPU fp32 (if installed)
@@ -31,7 +33,8 @@ from .machine import native_bf16
 
 __all__ = ["RUNTIMES", "DEFAULT_RUNTIMES", "RuntimeUnavailable", "prepare", "export_onnx"]
 
-RUNTIMES = ("eager", "eager_cl", "torchscript", "eager_bf16", "compile", "onnxruntime", "onnxruntime_int8", "openvino",
+RUNTIMES = ("eager", "eager_cl", "torchscript", "eager_bf16", "compile", "onnxruntime", "onnxruntime_nchwc",
+            "onnxruntime_int8", "openvino",
             "openvino_int8", "openvino_bf16", "executorch", "executorch_int8")
 DEFAULT_RUNTIMES = ("eager", "onnxruntime")
 DTYPE = {"eager_bf16": "bf16", "openvino_bf16": "bf16", "onnxruntime_int8": "int8", "openvino_int8": "int8",
@@ -185,6 +188,15 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
             except ImportError as e:
                 raise RuntimeUnavailable("onnxruntime is not installed (pip install 'repvit[export]')") from e
             path = onnx_path
+            if runtime == "onnxruntime_nchwc":
+                path = workdir / f"{tag}.nchwc.onnx"
+                import onnx
+
+                from ..export.ort_layout import nchwc_friendly_se
+                rewritten, counts = nchwc_friendly_se(onnx.load(str(onnx_path)))
+                onnx.save(rewritten, str(path))
+                facts["note"] = (f"SE pass: {counts['pools']} pools -> GlobalAveragePool, {counts['gates']} gates "
+                                 "resized")
             if runtime == "onnxruntime_int8":
                 path = workdir / f"{tag}.int8.onnx"
                 if not path.exists():

@@ -110,7 +110,7 @@ def export_onnx(
     model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int] | None = None,
     dynamic_batch: bool = False, opset: int = DEFAULT_OPSET, bake_preprocessing: str | bool | None = None,
     slim: bool = False, exporter: str = "torchscript", validate: bool = True, sidecar: bool = True,
-    batch_size: int = 1,
+    batch_size: int = 1, ort_nchwc: bool = False,
 ) -> dict[str, Any]:
     """Export ``model`` (fused first) to ONNX at ``path``; returns the sidecar dict.
 
@@ -119,6 +119,8 @@ def export_onnx(
     ``"float"`` (or ``True``) -> input float32 0..1; ``"uint8"`` -> input uint8 0..255; in both
     cases the graph normalises with the model's mean/std. Input layout is always NCHW.
     ``exporter``: ``"torchscript"`` (fast, default) or ``"dynamo"`` (torch.export based, slower).
+    ``ort_nchwc``: rewrite the squeeze-excite blocks so that ONNX Runtime's CPU blocked layout covers the whole
+    network (:mod:`repvit.export.ort_layout`; same function, for ORT on CPU).
     """
     require("onnx", "ONNX export")
     if opset < MIN_OPSET:
@@ -150,6 +152,13 @@ def export_onnx(
                 kw["dynamic_axes"] = {"input": {0: "batch"}, "logits": {0: "batch"}}
         torch.onnx.export(net, (example,), str(tmp), **kw)
         slimmer = _slim(tmp) if slim else None
+        nchwc = None
+        if ort_nchwc:
+            import onnx
+
+            from .ort_layout import nchwc_friendly_se
+            rewritten, nchwc = nchwc_friendly_se(onnx.load(str(tmp)))
+            onnx.save(rewritten, str(tmp))
         n_bn = count_ops(tmp, "BatchNormalization")
         if n_bn:
             raise RuntimeError(f"exported graph still has {n_bn} BatchNormalization nodes; the model was not fused")
@@ -163,7 +172,7 @@ def export_onnx(
         "input_name": "input", "output_name": "logits", "input_layout": "NCHW",
         "input_dtype": "uint8" if bake == "uint8" else "float32",
         "input_range": {"uint8": "0..255", "float": "0..1"}.get(bake, "normalised ((x/255 - mean) / std)"),
-        "preprocessing_baked": bool(bake), "slimmed_with": slimmer,
+        "preprocessing_baked": bool(bake), "slimmed_with": slimmer, "ort_nchwc": nchwc,
         "batch": "dynamic" if dynamic_batch else batch_size,
     })
     if sidecar:
