@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Subset
 from .builtin import (BUILTIN_DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, TensorImageDataset,
                       builtin_name, load_digits, load_fashion_mnist)
 from .folder import SafeImageFolder, find_split_dir, skip_none_collate, validate_image_folder
+from .images import to_mode
 from .sampler import GlobalBatchSampler, preserved_rng, seed_sample, shard_range
 from .transforms import CROP_PCT, eval_transform, preprocessing_dict, train_transform
 
@@ -166,7 +167,7 @@ class SafeTarDataset(Dataset):
         f, target = self.reader[i][:2]
         try:
             with Image.open(f) as im:
-                img = im.convert("RGB")
+                img = to_mode(im, "RGB")
         except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
             return None
         return (self.transform(img) if self.transform else img), (-1 if target is None else int(target))

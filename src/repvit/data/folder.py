@@ -16,6 +16,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from .images import to_mode
+
 __all__ = ["IMG_EXTENSIONS", "validate_image_folder", "find_split_dir", "SafeImageFolder", "skip_none_collate"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -96,7 +98,7 @@ class SafeImageFolder(Dataset):
         path, target = self.samples[i]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = to_mode(im, "RGB")
         except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
             return None
         return (self.transform(img) if self.transform else img), target

@@ -24,6 +24,8 @@ from typing import Any, Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .images import to_mode
+
 __all__ = ["HFImageDataset", "open_hf_split"]
 
 IMAGE_KEYS = ("image", "img")
@@ -148,7 +150,7 @@ class HFImageDataset(Dataset):
             else:
                 im = Image.open(item["path"])
             with im:
-                img = im.convert("RGB")
+                img = to_mode(im, "RGB")
         except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
             return None
         return (self.transform(img) if self.transform else img), self.targets[i]

@@ -30,6 +30,8 @@ from typing import Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .images import to_mode
+
 __all__ = ["WdsDataset", "load_wds_info", "wds_split_shards"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
@@ -197,7 +199,7 @@ class WdsDataset(Dataset):
         data = self._read(si, offset, size)
         try:
             with Image.open(io.BytesIO(data)) as im:
-                img = im.convert("RGB")
+                img = to_mode(im, "RGB")
         except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
             return None
         return (self.transform(img) if self.transform else img), self.targets[i]

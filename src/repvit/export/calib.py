@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.images import to_mode
 from .common import require
 
 __all__ = ["load_images", "normalise", "BUILTIN", "IMAGE_SUFFIXES"]
@@ -131,7 +132,7 @@ def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int
     for f in files:
         try:
             with Image.open(f) as im:
-                img = im.convert("L" if c == 1 else "RGB")
+                img = to_mode(im, "L" if c == 1 else "RGB")
         except Exception as e:
             raise ValueError(f"cannot read image {f}: {e}") from e
         t = tf(img)
