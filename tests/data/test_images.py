@@ -55,6 +55,15 @@ def test_8bit_modes_convert_as_pillow_does():
     np.testing.assert_array_equal(np.asarray(to_mode(pal, "L")), np.asarray(pal.convert("L")))
 
 
+def test_the_result_outlives_the_file(tmp_path):
+    """Readers open the file in a ``with`` block: what comes back must be loaded, also when already in the mode."""
+    p = tmp_path / "rgb.png"
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(p)
+    with Image.open(p) as im:
+        out = to_mode(im, "RGB")
+    assert np.asarray(out.crop((0, 0, 4, 4))).max() == 7
+
+
 def test_class_folder_reads_a_16bit_image_correctly(tmp_path):
     from repvit.data.folder import SafeImageFolder
     for c in ("a", "b"):

@@ -134,7 +134,8 @@ def _builtin(name: str, data: Any, aug: Any, *, train: bool, fallback: bool = Tr
     tr = TensorImageDataset(*splits["train"], train=True, pad_crop=aug.pad_crop, hflip=aug.hflip,
                             reprob=aug.reprob, **kw) if train else None
     va = TensorImageDataset(*splits["val"], train=False, **kw)
-    return DataBundle(tr, va, len(classes), 1, data.img_size, mean, std, "bilinear", 1.0, name, notes,
+    # one channel, one value each (a recipe's 3-value mean would make the saved preprocessing unusable)
+    return DataBundle(tr, va, len(classes), 1, data.img_size, mean[:1], std[:1], "bilinear", 1.0, name, notes,
                       collate=skip_none_collate)
 
 
@@ -149,20 +150,45 @@ def _num_classes_of(ds: Any) -> int | None:
     return None
 
 
+def _drop_tar_handles(state: Any) -> None:
+    """Forget the open archives cached in a timm tar reader's state (a TarState, or a dict of them)."""
+    for st in (state.values() if isinstance(state, dict) else [state]):
+        st.tf = None
+        _drop_tar_handles(getattr(st, "children", {}))
+
+
 class SafeTarDataset(Dataset):
     """The images of a timm tar reader (``data.format=tar``); ``None`` for an image PIL cannot decode.
 
     timm's ``ImageDataset`` answers a corrupt image with the *next* index's sample (a lost sample, a duplicated one,
-    nothing counted); here it is dropped by :func:`skip_none_collate` and counted, as for class folders."""
+    nothing counted); here it is dropped by :func:`skip_none_collate` and counted, as for class folders.
 
-    def __init__(self, reader: Any, transform: Callable | None = None) -> None:
+    ``class_map`` (class name -> index) renumbers the reader's classes: timm sorts names "naturally" (class2 before
+    class10), class folders sort them as plain strings; the same data must get the same indices in both formats.
+    The reader caches open archive handles; a forked loader worker must not share the parent's (one file position
+    for two readers: good images would read as corrupt), so each process opens its own."""
+
+    def __init__(self, reader: Any, transform: Callable | None = None, class_map: dict[str, int] | None = None) -> None:
         self.reader, self.transform = reader, transform
-        self.targets = [-1 if t is None else int(t) for t in getattr(reader, "targets", [])]
+        own = dict(getattr(reader, "class_name_to_idx", None) or {})
+        self.class_name_to_idx = dict(class_map) if class_map is not None else own
+        remap = {i: self.class_name_to_idx[name] for name, i in own.items() if name in self.class_name_to_idx}
+        self._remap = remap if any(k != v for k, v in remap.items()) else None
+        self.targets = [self._target(t) for t in getattr(reader, "targets", [])]
+        self._pid = os.getpid()
+
+    def _target(self, t: Any) -> int:
+        if t is None:
+            return -1
+        return self._remap[int(t)] if self._remap is not None else int(t)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, i: int):
+        if os.getpid() != self._pid:
+            _drop_tar_handles(getattr(self.reader, "tar_state", {}))
+            self._pid = os.getpid()
         # errors of the archive itself (gone, unreadable) propagate: they are not "an unreadable image"
         f, target = self.reader[i][:2]
         try:
@@ -170,7 +196,20 @@ class SafeTarDataset(Dataset):
                 img = to_mode(im, "RGB")
         except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", the sample is skipped
             return None
-        return (self.transform(img) if self.transform else img), (-1 if target is None else int(target))
+        return (self.transform(img) if self.transform else img), self._target(target)
+
+
+def _tar_has_no_images(path: str) -> bool:
+    """True when the archive at ``path`` opens but holds no image file (timm's reader fails on it obscurely)."""
+    import tarfile
+
+    from timm.data.readers.img_extensions import get_img_extensions
+    exts = get_img_extensions(as_set=True)
+    try:
+        with tarfile.open(path) as tf:
+            return not any(m.isfile() and os.path.splitext(m.name)[1].lower() in exts for m in tf)
+    except (OSError, tarfile.TarError):
+        return False
 
 
 def _hf_align_classes(src: str, tr: Any, va: Any, val_split: str) -> None:
@@ -206,12 +245,22 @@ def _check_split_classes(src: str, n_val: int, n_train: int | None, given: int |
                          f"up to {n_train - 1}; set model.num_classes (or num_classes in the info file)")
 
 
+def _is_wds_info(path: Path) -> bool:
+    """``info.json`` is a common name: it marks a webdataset only when it describes splits (a class-folder dataset
+    may carry an info.json of its own)."""
+    import json
+    try:
+        return isinstance(json.loads(path.read_text()).get("splits"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _detect_format(root: Path, splits: tuple[str, ...]) -> str:
     """``data.format=auto``: the format of ``root`` from the files of the splits asked for (an evaluation-only
     folder holding just ``val.tar`` is a tar folder, not a class folder lacking ``val/``)."""
     if root.suffix == ".tar" or any((root / f"{s}.tar").exists() for s in splits):
         return "tar"
-    if ((root / "_info.json").is_file() or (root / "info.json").is_file()
+    if ((root / "_info.json").is_file() or _is_wds_info(root / "info.json")
             or any(any(root.glob(f"*{s}-*.tar")) or any(root.glob(f"{s}/*.tar")) for s in splits)):
         return "wds"                 # with an info file, or shards named by split (as wds.py finds them)
     if ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
@@ -220,11 +269,24 @@ def _detect_format(root: Path, splits: tuple[str, ...]) -> str:
     return "folder"
 
 
+def _check_labels_fit(bundle: DataBundle, num_classes: int, src: str, num_classes_from: str) -> None:
+    """Every label must be a valid output index of a ``num_classes``-way model: a larger one would fail deep in the
+    loss (or as a CUDA device assert) at the first batch that holds it."""
+    for split, ds in (("training", bundle.train), ("validation", bundle.val)):
+        targets = getattr(ds, "targets", None) if ds is not None else None
+        top = max(targets) if targets is not None and len(targets) else -1
+        if top >= num_classes:
+            raise ValueError(f"the {split} split of {src!r} has labels up to {top} ({top + 1} classes) but "
+                             f"{num_classes_from} is {num_classes}; set it to at least {top + 1}, or leave it unset "
+                             "to take the data's class count")
+
+
 def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_classes: int | None = None,
-               fallback: bool = True) -> DataBundle:
+               fallback: bool = True, num_classes_from: str = "model.num_classes") -> DataBundle:
     """Validate and build the datasets described by ``data`` (a DataConfig) and ``aug`` (an AugConfig).
 
-    ``fallback=False`` (evaluation): a missing Fashion-MNIST is an error instead of the digits stand-in."""
+    ``num_classes``: the model's class count, when fixed; every label must fit it (``num_classes_from`` names it in
+    the error). ``fallback=False`` (evaluation): a missing Fashion-MNIST is an error instead of the digits stand-in."""
     src = os.path.expanduser(str(data.dataset))    # "~/data/imagenet" from a YAML recipe or --data
     b = builtin_name(src)
     if b is not None and not Path(src).exists():
@@ -307,32 +369,41 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
 
             def open_split(split_root_: str, split: str, training: bool, tf, class_map=None):
                 try:
-                    ds = create_dataset("", root=split_root_, split=split, is_training=training,
-                                        class_map=class_map or "")
+                    ds = create_dataset("", root=split_root_, split=split, is_training=training)
                 except Exception as e:  # noqa: BLE001 - timm readers raise many types; report them uniformly
+                    if _tar_has_no_images(split_root_):
+                        raise ValueError(f"{split_root_} holds no images (.jpg, .png, ...); expected "
+                                         "<class>/<image> entries") from e
                     raise ValueError(f"could not open {src!r} as {fmt} data: {e}") from e
+                names = ds.reader.class_name_to_idx
+                if "" in names:
+                    raise ValueError(f"{split_root_} has images at its top level, outside any class folder; put each "
+                                     "class's images in <class>/ inside the archive (the folder name is the label)")
+                if class_map is None:        # plain string order, as for class folders (timm sorts "naturally")
+                    class_map = {c: i for i, c in enumerate(sorted(names))}
+                elif set(names) - set(class_map):
+                    # the training archive's indices: a class of the val archive's own has none
+                    only = sorted(set(names) - set(class_map))
+                    raise ValueError(f"{split_root_} has classes the training archive lacks (only in {split}: "
+                                     f"{', '.join(only[:5])}); both archives need the same <class>/ folders")
                 # read through timm's reader, decode ourselves: skip and count a corrupt image (timm's
                 # ImageDataset would return the next index's sample instead)
-                return SafeTarDataset(ds.reader, tf)
+                return SafeTarDataset(ds.reader, tf, class_map)
             tr = open_split(train_root, data.train_split, True, tf_tr) if train else None
-            va = open_split(val_root, data.val_split, False, tf_ev)
             if tr is not None:
-                # timm numbers each archive's classes on its own: a val archive lacking a class would shift labels
-                t_map = tr.reader.class_name_to_idx
-                v_map = va.reader.class_name_to_idx
-                if v_map != t_map:
-                    only_val = sorted(set(v_map) - set(t_map))
-                    if only_val:
-                        raise ValueError(f"{val_root} has classes the training archive lacks "
-                                         f"(only in {data.val_split}: {', '.join(only_val[:5])}); both archives "
-                                         "need the same <class>/ folders")
-                    va = open_split(val_root, data.val_split, False, tf_ev, class_map=t_map)  # train's indices
-            n_cls = num_classes or _num_classes_of(tr if tr is not None else va)
+                # a val archive lacking a class keeps the training indices (timm would renumber its own)
+                va = open_split(val_root, data.val_split, False, tf_ev, class_map=tr.class_name_to_idx)
+            else:
+                va = open_split(val_root, data.val_split, False, tf_ev)
+            # the archives' own class count (named classes): a model head of another size is the caller's check
+            n_cls = _num_classes_of(tr if tr is not None else va) or num_classes
             if not n_cls:
                 raise ValueError(f"cannot tell the number of classes of {src!r}; set model.num_classes")
         bundle = DataBundle(tr, va, n_cls, 3, data.img_size, mean, std, data.interpolation, crop_pct, src)
         if fmt == "hfds":
             bundle.notes.extend(hf_notes)
+    if num_classes:
+        _check_labels_fit(bundle, num_classes, src, num_classes_from)
     if train and bundle.train is not None:
         bundle.train = _subset(bundle.train, data.max_train_samples, seed)
     bundle.val = _subset(bundle.val, data.max_val_samples, seed + 1)

@@ -32,4 +32,4 @@ def to_mode(im: Image.Image, mode: str = "RGB") -> Image.Image:
     """``im`` as an 8-bit ``mode`` image ("RGB" or "L"), wide modes rescaled rather than clipped."""
     if im.mode == "F" or im.mode == "I" or im.mode.startswith("I;16"):
         im = _to_8bit(im)
-    return im if im.mode == mode else im.convert(mode)
+    return im.convert(mode)     # always a loaded copy, even in the same mode: callers close the file afterwards

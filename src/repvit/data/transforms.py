@@ -17,7 +17,8 @@ def train_transform(img_size: int, aug: Any, *, interpolation: str, mean, std):
     """RandomResizedCrop + flip + RandAugment + colour jitter + random erasing (timm)."""
     return create_transform(
         img_size, is_training=True, scale=tuple(aug.scale), hflip=aug.hflip,
-        color_jitter=aug.color_jitter, auto_augment=aug.auto_augment or None,  # timm drops jitter under RandAugment
+        color_jitter=aug.color_jitter,                 # timm drops jitter under RandAugment
+        auto_augment=None if str(aug.auto_augment or "").lower() in ("", "none") else aug.auto_augment,
         interpolation=interpolation, mean=tuple(mean), std=tuple(std),
         re_prob=aug.reprob, re_mode=aug.remode, re_count=1,
     )

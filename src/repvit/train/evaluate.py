@@ -229,7 +229,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
                       std=tuple(pre["std"]) if pre.get("std") else None,
                       interpolation=pre.get("interpolation", "bicubic"), download_dir=download_dir)
     try:
-        bundle = build_data(dcfg, AugConfig(), train=False, fallback=False)
+        # the model's class count: integer-labelled data (wds, hfds) whose val split lacks the top class would
+        # otherwise count fewer classes than the model has; named-class data keeps its own count (checked below)
+        bundle = build_data(dcfg, AugConfig(), train=False, fallback=False,
+                            num_classes=getattr(models[0][1], "num_classes", None),
+                            num_classes_from="the checkpoint's class count")
     except FileNotFoundError as e:
         if builtin_name(data) == "fashion-mnist" and not Path(data).exists():
             raise FileNotFoundError(f"cannot evaluate on Fashion-MNIST: {e} (repvit eval --download-dir DIR; "
