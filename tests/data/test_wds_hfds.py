@@ -337,3 +337,137 @@ def test_wds_eval_only_folder_is_detected_from_its_split(tmp_path):
     labels = make_wds(root, shards=(("validation", 4),), info=False)
     b = build_data(_wds_cfg(root, format="auto"), AUG, train=False)    # no train shards: still webdataset
     assert b.val.targets == labels["validation"]
+
+
+# ------------------------------------------------------------------------- malformed inputs: clear errors
+
+def _edit_info(root: Path, edit) -> None:
+    info = json.loads((root / "_info.json").read_text())
+    edit(info)
+    (root / "_info.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda i: i.update(splits=list(i["splits"].values())),
+     r"'splits' entry of webdataset info file \S*_info.json is a list; it must be an object that maps each split name"),
+    (lambda i: i.pop("splits"), r"'splits' entry of webdataset info file \S*_info.json is missing"),
+    (lambda i: i["splits"].update(train=[i["splits"]["train"]]),
+     r"split 'train' of webdataset info file \S*_info.json is a list; it must be an object with the split's"),
+    (lambda i: i["splits"]["train"].update(filenames=[5]), r"filenames\[0\] is 5; each entry must be a shard file"),
+    (lambda i: i["splits"]["train"].update(filenames={"a": "tiny-train-0000.tar"}),
+     r"'filenames' is an object; it must be a list of shard file names"),
+    (lambda i: i["splits"]["train"]["filenames"].append("tiny-train-0000.tar"),
+     r"lists the shard 'tiny-train-0000.tar' more than once"),
+    (lambda i: i["splits"]["train"].update(num_samples="many"),
+     r"split 'train' of webdataset info file \S*_info.json: num_samples is 'many'; it must be a non-negative"),
+    (lambda i: (i["splits"]["train"].pop("num_samples"), i["splits"]["train"].update(shard_lengths=[9, "six"])),
+     r"shard_lengths\[1\] is 'six'; it must be a non-negative whole number"),
+    (lambda i: i.update(num_classes="ten"), r"_info.json: num_classes is 'ten'; it must be a non-negative"),
+    (lambda i: i.update(classes="ant bee cat"), r"_info.json: 'classes' must be a list of class names"),
+    (lambda i: i.update(num_classes=3, classes=["ant", "bee"]), r"num_classes is 3 but 'classes' names 2"),
+], ids=["splits-list", "splits-missing", "split-list", "filename-int", "filenames-object", "filename-twice",
+        "num_samples-text", "shard_lengths-text", "num_classes-text", "classes-string", "classes-count"])
+def test_wds_malformed_info_file_is_named(tmp_path, edit, says):
+    from repvit.data.wds import WdsDataset
+    root = tmp_path / "wds"
+    make_wds(root)
+    _edit_info(root, edit)
+    with pytest.raises(ValueError, match=says):
+        WdsDataset(root, "train")
+
+
+def test_wds_info_json_is_named_and_one_filename_string_is_one_shard(tmp_path):
+    from repvit.data.wds import WdsDataset
+    root = tmp_path / "wds"
+    labels = make_wds(root)
+    _edit_info(root, lambda i: i["splits"]["train"].update(filenames="tiny-train-0000.tar", num_samples=9))
+    ds = WdsDataset(root, "train")                  # a single string names one shard, not 19 one-letter files
+    assert len(ds) == 9 and ds.targets == labels["train"][:9]
+    (root / "_info.json").rename(root / "info.json")
+    with pytest.raises(ValueError, match=r"split 'val' is not in \S*[/\\]info\.json \(splits: train, validation\)"):
+        WdsDataset(root, "val")
+
+
+def test_wds_broken_sample_json_and_truncated_shard_name_the_shard(tmp_path):
+    from repvit.data.wds import WdsDataset
+    root = tmp_path / "wds"
+    make_wds(root, shards=(("train", 3), ("validation", 3)))
+    shard = root / "tiny-train-0000.tar"
+    rng = np.random.RandomState(0)
+    with tarfile.open(shard, "w") as t:             # labels only in the .json sidecars; one is not JSON
+        _add(t, "k_0.png", _png(rng))
+        _add(t, "k_0.json", b'{"label": 1}')
+        _add(t, "k_1.png", _png(rng))
+        _add(t, "k_1.json", b'{"label": 2,')
+        _add(t, "k_2.png", _png(rng))
+        _add(t, "k_2.json", b'{"label": 0}')
+    with pytest.raises(ValueError, match=r"shard \S*tiny-train-0000.tar, sample 'k_1': its .json member is not "
+                                         r"valid JSON .*fix the shard") as e:
+        WdsDataset(root, "train")
+    assert isinstance(e.value.__cause__, json.JSONDecodeError)
+    with tarfile.open(shard, "w") as t:             # a .json that parses but carries no label names its fields
+        _add(t, "k_0.png", _png(rng))
+        _add(t, "k_0.json", b'{"filename": "k_0.png"}')
+    with pytest.raises(ValueError, match=r"sample 'k_0': no label .*its .json has the fields filename"):
+        WdsDataset(root, "train")
+    make_wds(tmp_path / "cut", shards=(("train", 3), ("validation", 3)))
+    cut = tmp_path / "cut" / "tiny-train-0000.tar"
+    cut.write_bytes(cut.read_bytes()[:1500])      # an interrupted copy: ends inside the first image
+    with pytest.raises(ValueError, match=r"shard \S*tiny-train-0000.tar is truncated or damaged"):
+        WdsDataset(tmp_path / "cut", "train")
+
+
+def _hf_saved(datasets, root: Path) -> None:
+    datasets.DatasetDict({"train": _hf_split(datasets, 4), "validation": _hf_split(datasets, 3, offset=1)}
+                         ).save_to_disk(str(root))
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{not json", r"dataset_dict.json is not valid JSON .*save the DatasetDict again with save_to_disk"),
+    ('{"splits": "train"}', r"dataset_dict.json must hold \{\"splits\": \[\"train\", ...\]\} \(a list of split"),
+    ('["train"]', r"dataset_dict.json must hold .*not \[\"train\"\]"),
+], ids=["not-json", "splits-string", "a-list"])
+def test_hfds_malformed_dataset_dict_json(tmp_path, content, says):
+    datasets = pytest.importorskip("datasets")
+    from repvit.data.hf import open_hf_split
+    root = tmp_path / "hf"
+    _hf_saved(datasets, root)
+    (root / "dataset_dict.json").write_text(content)
+    with pytest.raises(ValueError, match=says):
+        open_hf_split(str(root), "train")
+
+
+def test_hfds_missing_or_damaged_split_folder(tmp_path):
+    import shutil
+    datasets = pytest.importorskip("datasets")
+    from repvit.data.hf import open_hf_split
+    root = tmp_path / "hf"
+    _hf_saved(datasets, root)
+    assert len(open_hf_split(str(root), "validation")) == 3
+    (root / "train" / "state.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"folder \S*train \(split 'train' listed in \S*dataset_dict.json\) is "
+                                         r"damaged \(JSONDecodeError") as e:
+        open_hf_split(str(root), "train")
+    assert isinstance(e.value.__cause__, json.JSONDecodeError)
+    for arrow in (root / "train").glob("*.arrow"):
+        arrow.unlink()
+    shutil.copy(root / "validation" / "state.json", root / "train" / "state.json")
+    with pytest.raises(FileNotFoundError, match=r"folder \S*train .* is incomplete .*\.arrow"):
+        open_hf_split(str(root), "train")
+    shutil.rmtree(root / "train")
+    with pytest.raises(FileNotFoundError, match=r"folder \S*train \(split 'train' listed in \S*dataset_dict.json\) "
+                                                r"does not exist; save the DatasetDict again") as e:
+        open_hf_split(str(root), "train")
+    assert isinstance(e.value.__cause__, FileNotFoundError)
+    assert len(open_hf_split(str(root), "validation")) == 3      # the other split still opens
+
+
+def test_hfds_image_column_that_holds_no_images(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from repvit.data.hf import HFImageDataset
+    root = tmp_path / "hf"
+    split = datasets.Dataset.from_dict({"image": [1, 2, 3], "label": [0, 1, 2]})
+    datasets.DatasetDict({"train": split}).save_to_disk(str(root))
+    with pytest.raises(ValueError, match=r"image column 'image' of split 'train' of Hugging Face dataset .* holds "
+                                         r".*int64.*, not images"):
+        HFImageDataset(str(root), "train")

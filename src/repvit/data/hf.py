@@ -17,6 +17,7 @@ needs random access.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -40,21 +41,59 @@ def _import_datasets():
     return datasets
 
 
+def _saved_splits(path: Path) -> list[str]:
+    """The split names a ``DatasetDict.save_to_disk`` folder's ``dataset_dict.json`` lists."""
+    redo = "save the DatasetDict again with save_to_disk"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:                  # JSONDecodeError, or bytes that are not UTF-8 text
+        raise ValueError(f"{path} is not valid JSON ({e}); it should hold {{\"splits\": [\"train\", ...]}}, "
+                         f"so {redo}") from e
+    splits = meta.get("splits") if isinstance(meta, dict) else None
+    if not isinstance(splits, list) or not all(isinstance(k, str) and k for k in splits):
+        raise ValueError(f"{path} must hold {{\"splits\": [\"train\", ...]}} (a list of split names), not "
+                         f"{json.dumps(meta)[:80]}; {redo}")
+    return splits
+
+
+def _load_saved(datasets, path: Path, what: str, redo: str = "save it again with save_to_disk"):
+    """``Dataset.load_from_disk(path)``, with errors that name the folder and say ``redo``: FileNotFoundError for a
+    missing file, ValueError for a damaged one (the original error is the cause)."""
+    try:
+        return datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:           # the folder, its state.json / dataset_info.json, or an .arrow file
+        need = [n for n in ("state.json", "dataset_info.json") if not (path / n).is_file()]
+        if not path.is_dir():
+            lacks = "does not exist"
+        elif need:
+            lacks = f"lacks {' and '.join(need)}, which Dataset.save_to_disk writes"
+        else:
+            lacks = f"is incomplete ({e})"
+        raise FileNotFoundError(f"Hugging Face dataset folder {path} ({what}) {lacks}; {redo}") from e
+    except OSError:                          # permissions, I/O errors: they name their file already
+        raise
+    except Exception as e:  # noqa: BLE001 - bad JSON, a state.json without its entries, a damaged .arrow file
+        raise ValueError(f"Hugging Face dataset folder {path} ({what}) is damaged "
+                         f"({type(e).__name__}: {e}); {redo}") from e
+
+
 def open_hf_split(src: str, split: str, cache_dir: str | None = None):
     """The ``datasets.Dataset`` of ``split``; clear errors for a missing path or split."""
     datasets = _import_datasets()
     root = Path(src)
     if root.is_dir() and (root / "dataset_dict.json").is_file():      # DatasetDict.save_to_disk
-        dd = datasets.load_from_disk(str(root))
-        if split not in dd:
-            raise ValueError(f"Hugging Face dataset {root} has no split {split!r} (splits: {', '.join(dd)}); "
+        splits = _saved_splits(root / "dataset_dict.json")
+        if split not in splits:
+            raise ValueError(f"Hugging Face dataset {root} has no split {split!r} (splits: {', '.join(splits)}); "
                              f"set data.train_split / data.val_split to one of them")
-        return dd[split]
+        # the split's own folder (what DatasetDict.load_from_disk reads for each split): the others are not opened
+        return _load_saved(datasets, root / split, f"split {split!r} listed in {root / 'dataset_dict.json'}",
+                           "save the DatasetDict again with save_to_disk")
     if root.is_dir() and (root / "state.json").is_file():             # a single Dataset.save_to_disk
         raise ValueError(f"{root} holds one saved Hugging Face Dataset without splits; save a DatasetDict "
                          f"(train/validation ...) or put each split's save_to_disk folder in {root}/<split>/")
     if root.is_dir() and (root / split / "state.json").is_file():     # <split>/ folders of Dataset.save_to_disk
-        return datasets.load_from_disk(str(root / split))
+        return _load_saved(datasets, root / split, f"split {split!r} of {root}")
     if root.is_dir() and any((p / "state.json").is_file() for p in root.iterdir() if p.is_dir()):
         have = sorted(p.name for p in root.iterdir() if (p / "state.json").is_file())
         raise ValueError(f"Hugging Face dataset {root} has no split {split!r} (splits: {', '.join(have)}); "
@@ -101,7 +140,12 @@ class HFImageDataset(Dataset):
         self.label_key = _column(ds, LABEL_KEYS, "label", src)
         feat = ds.features[self.label_key]
         # decode ourselves (skip unreadable images instead of raising inside datasets)
-        self.ds = ds.cast_column(self.image_key, datasets.Image(decode=False))
+        try:
+            self.ds = ds.cast_column(self.image_key, datasets.Image(decode=False))
+        except Exception as e:  # noqa: BLE001 - arrow's cast errors (ArrowNotImplementedError, ...) vary by type
+            raise ValueError(f"image column {self.image_key!r} of split {split!r} of Hugging Face dataset {src!r} "
+                             f"holds {ds.features[self.image_key]}, not images ({type(e).__name__}: {e}); it must be "
+                             "an Image feature, or image file paths / encoded image bytes") from e
         self.targets = _int_labels(self.ds[self.label_key], self.label_key, split, src)
         if len(self.targets) == 0:
             raise ValueError(f"split {split!r} of Hugging Face dataset {src!r} is empty")
