@@ -3,33 +3,20 @@ forked tar readers, built-in normalisation, info.json detection, 'none' policies
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from repvit.data import build_data
 from repvit.train.config import AugConfig, DataConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_datasets import _solid_png as _png, _tar_of_pngs as _tar  # noqa: E402
+from test_wds_hfds import make_wds  # noqa: E402
+
 AUG = AugConfig(auto_augment=None)
-
-
-def _png(value: int, size: int = 12) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tar(path: Path, images: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as t:
-        for name, data in images.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
 
 
 def _folder(root: Path, classes, n: int = 2) -> Path:
@@ -146,10 +133,6 @@ def test_auto_augment_none_means_off_for_image_data(tmp_path, value):
 def test_eval_of_integer_labelled_data_whose_split_lacks_the_top_class(tmp_path):
     """Evaluation passes the checkpoint's class count: a webdataset validation split without the highest label
     counted one class fewer than the model and was refused although every label is valid."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_wds_hfds import make_wds
-
     import repvit
     from repvit.train.evaluate import evaluate_checkpoint
     root = tmp_path / "wds"
