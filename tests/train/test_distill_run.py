@@ -180,3 +180,19 @@ def test_student_distils_from_a_checkpoint_teacher(tmp_path, monkeypatch, teache
                 else:
                     want = outs["best.safetensors"]
                 torch.testing.assert_close(t, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_as_teacher_teaches_its_ema_weights(tmp_path):
+    """A run's last.pt (or its directory) as distill.teacher is the model `repvit eval` scores: the EMA weights
+    when the run kept them (it used to be the raw ones, so an eval ensemble did not predict what it would teach)."""
+    from repvit.train.distill import build_teacher
+    run = tmp_path / "run"
+    train(tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=2", "ema.enabled=true", "ema.decay=0.5"), run)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert state["ema"] is not None
+    differs = [k for k, v in state["ema"].items() if v.is_floating_point() and not torch.equal(v, state["model"][k])]
+    assert differs                                            # raw and EMA are told apart below
+    for source in (run / "last.pt", run):
+        sd = build_teacher(str(source), None, num_classes=10, in_chans=1).model.state_dict()
+        for k in differs:
+            assert torch.equal(sd[k], state["ema"][k]), (source, k)

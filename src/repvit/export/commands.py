@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--eval", dest="eval_data", metavar="NAME_OR_PATH",
                    help="held-out set to compare fp32 and INT8 top-1 on (fashion-mnist/digits val split, or a "
                         "folder with class sub-folders)")
-    q.add_argument("--num-eval", type=int, default=2000, help="held-out images (default 2000)")
+    q.add_argument("--num-eval", type=int, default=None, help="held-out images for --eval (default 2000)")
     q.add_argument("--backend", choices=("onnxruntime", "openvino", "executorch"),
                    help="default: openvino for an .xml output, executorch for .pte, onnxruntime otherwise")
     q.add_argument("--preset", choices=("performance", "mixed"), default="performance",
@@ -190,6 +190,10 @@ _BACKEND_FLAGS = {
 
 def _check_backend(args: argparse.Namespace, out: Path) -> str:
     """The backend (given, or from the --out suffix), after refusing options and suffixes that do not fit it."""
+    if args.num_eval is not None and not args.eval_data:
+        raise ValueError("--num-eval sets how many held-out images --eval uses; add --eval NAME_OR_PATH (or drop it)")
+    if args.num_eval is None:
+        args.num_eval = 2000
     backend = args.backend or next((b for b, (suf, _) in _BACKEND_FILES.items() if out.suffix == suf), "onnxruntime")
     bad = [flag for flag, (backends, used) in _BACKEND_FLAGS.items() if used(args) and backend not in backends]
     if bad:

@@ -65,6 +65,9 @@ def require(module: str, purpose: str) -> Any:
         ) from e
 
 
+MAX_INPUT_SIDE = 4096   # 3x4096x4096 float example: 200 MB; larger sizes are typos that would exhaust memory
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail early, with a clear message, if ``path`` cannot be created."""
     p = Path(path)
@@ -79,6 +82,10 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise ValueError(f"output directory {str(parent)!r} is not writable; choose another --out location")
     if p.exists() and p.is_dir() and p.suffix != ".mlpackage":
         raise ValueError(f"output path {str(p)!r} is a directory; give a file name such as {p / 'model.onnx'}")
+    side = sidecar_path(p)
+    if side.is_dir():   # found only after the export replaced the file: a good old file lost for nothing
+        raise ValueError(f"the sidecar path {str(side)!r} of this output is a directory; move it, or choose "
+                         "another --out")
     return p
 
 
@@ -145,6 +152,9 @@ class atomic_output:
                     # os.replace cannot overwrite a non-empty directory: move the old one aside first
                     old = self._tmpdir / (self.target.name + ".old")
                     os.replace(self.target, old)
+                # the old sidecar describes the file being replaced: gone first, so that a failure before the
+                # new one is written leaves no sidecar rather than one with another file's checksum
+                sidecar_path(self.target).unlink(missing_ok=True)
                 os.replace(self.tmp, self.target)
         finally:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -189,6 +199,9 @@ def get_preprocessing(model: nn.Module, input_size: tuple[int, int] | None = Non
         h, w = (int(v) for v in input_size)
         if h < 32 or w < 32:
             raise ValueError(f"input size {h}x{w} is too small: RepViT downsamples by 32, use at least 32x32")
+        if h > MAX_INPUT_SIDE or w > MAX_INPUT_SIDE:
+            raise ValueError(f"input size {h}x{w} is too large: at most {MAX_INPUT_SIDE} per side (the export traces "
+                             "the model on an example input of that size)")
         pre["input_size"] = [c, h, w]
     if len(pre["mean"]) != c or len(pre["std"]) != c:
         raise ValueError(f"model preprocessing has mean/std for {len(pre['mean'])} channels but the model takes {c}")

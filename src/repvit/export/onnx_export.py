@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -150,7 +152,8 @@ def export_onnx(
             kw["dynamo"] = False
             if dynamic_batch:
                 kw["dynamic_axes"] = {"input": {0: "batch"}, "logits": {0: "batch"}}
-        torch.onnx.export(net, (example,), str(tmp), **kw)
+        with contextlib.redirect_stdout(sys.stderr):    # the dynamo exporter prints progress: keep --json clean
+            torch.onnx.export(net, (example,), str(tmp), **kw)
         slimmer = _slim(tmp) if slim else None
         nchwc = None
         if ort_nchwc:

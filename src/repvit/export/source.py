@@ -61,6 +61,10 @@ def load_source(
             raise ValueError(f"num_classes/in_chans (--num-classes/--in-chans) apply to a variant name only; the "
                              f"checkpoint {src} brings its own classifier size and input channels")
         ck = read_checkpoint(path, use_ema=use_ema)
+        named = ck.metadata.get("variant")
+        if model and named and canonical_name(model) != canonical_name(named):
+            # same widths and depths (e.g. M0.9 and legacy M1) load either way; the label would be wrong
+            raise ValueError(f"{src} holds {named} (its metadata says so) but --model says {model}; drop --model")
         variant = model or ck.variant
         m = create_model(canonical_name(variant), checkpoint=path, use_ema=use_ema)
         m._export_source = path.name
@@ -74,6 +78,9 @@ def load_source(
     else:
         if model and canonical_name(model) != canonical_name(src):
             raise ValueError(f"SOURCE names variant {src} but --model says {model}; give only one")
+        if use_ema:
+            raise ValueError(f"--ema selects the EMA weights of a training checkpoint; {src} is a variant name "
+                             "(random weights): drop --ema or pass a checkpoint")
         get_spec(src)  # unknown name -> ValueError listing the variants
         m = create_model(canonical_name(src), num_classes=1000 if num_classes is None else num_classes,
                          in_chans=3 if in_chans is None else in_chans)

@@ -135,8 +135,9 @@ def _load_state(src: str) -> dict:
 
 
 def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_chans: int) -> FrozenTeacher:
-    """Teacher from a checkpoint file (any format repvit reads), a repvit variant, or a timm model name;
-    a comma-separated list of these is an ensemble (:class:`TeacherEnsemble`).
+    """Teacher from a checkpoint file (any format repvit reads; a run's last.pt or directory gives its EMA weights
+    when it has them), a repvit variant, or a timm model name; a comma-separated list of these is an ensemble
+    (:class:`TeacherEnsemble`).
 
     A timm teacher loads ``checkpoint`` (URL or file, e.g. the DeiT RegNetY-16GF weights); without
     one it uses timm's pretrained weights.
@@ -158,7 +159,13 @@ def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_cha
 
     # The teacher's classifier is what it teaches: never ask for num_classes while loading its weights (that
     # would put a random head on a pretrained teacher, silently); load it as it is and compare below.
-    if Path(name).is_file():
+    if Path(name).is_dir() or Path(name).suffix == ".pt" and Path(name).is_file():
+        # a run directory or a training state (last.pt, checkpoint-epochNNNN.pt): its EMA weights when it holds
+        # them, as `repvit eval` scores it (and as an eval ensemble of the same files predicts); other .pt files
+        # (official / timm weights) load as plain weights
+        from .evaluate import load_eval_model
+        model = load_eval_model(Path(name))[1]
+    elif Path(name).is_file():
         model = model_from_file(name)
     elif name.lower().replace("-", "_").replace(".", "_") in list_models():
         model = repvit.create_model(name, checkpoint=checkpoint, in_chans=in_chans) if checkpoint \

@@ -146,16 +146,24 @@ def _load_for_eval(p: Path) -> tuple[list[tuple[str, nn.Module]], Any]:
     return [("weights", model_from_file(str(p)))], None
 
 
+def load_eval_model(p: Path) -> tuple[str, nn.Module, Any]:
+    """The one model a checkpoint stands for: a run's EMA weights when it holds them (last.pt, a run directory),
+    else its raw ones, else the file's weights; with the weights' name and the run config (or None). The same
+    choice for ``repvit eval A,B`` members and ``distill.teacher=A,B`` teachers."""
+    loaded, cfg = _load_for_eval(p)
+    models = dict(loaded)
+    key = "ema" if "ema" in models else next(iter(models))
+    return key, models[key], cfg
+
+
 def _ensemble_members(paths: list[Path]) -> tuple[list[tuple[str, nn.Module]], list[Any]]:
     """One model per checkpoint (its EMA weights when it holds them), all with the same input preprocessing:
     an ensemble averages predictions on one input tensor, so members trained on different inputs cannot share it.
     Also the members' run configs (None for plain weights files)."""
     members, configs = [], []
     for p in paths:
-        loaded, cfg = _load_for_eval(p)
-        models = dict(loaded)
-        key = "ema" if "ema" in models else next(iter(models))
-        members.append((f"{p}" + (f" ({key})" if key != "weights" else ""), models[key]))
+        key, model, cfg = load_eval_model(p)
+        members.append((f"{p}" + (f" ({key})" if key != "weights" else ""), model))
         configs.append(cfg)
     ref_name, ref = members[0]
     ref_pre = getattr(ref, "preprocessing", None) or {}
