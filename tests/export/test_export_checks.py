@@ -209,3 +209,82 @@ def test_num_classes_and_in_chans_are_refused_with_a_checkpoint(m32, tmp_path, c
     with pytest.raises(ValueError, match="variant name only"):
         load_source(str(ck), num_classes=10)
     assert load_source("repvit_m0_6", num_classes=3).num_classes == 3  # a variant name still takes them
+
+
+def test_a_sidecar_path_that_is_a_directory_is_refused_before_the_old_file_is_replaced(m32, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the good old export")
+    (tmp_path / "m.pt.json").mkdir()
+    rc = cli_main(["export", "repvit_m0_6", "--format", "torchscript", "--input-size", "32", "32", "--out", str(out)])
+    assert rc == 2 and "sidecar path" in capsys.readouterr().err
+    assert out.read_bytes() == b"the good old export"
+
+
+def test_replacing_an_export_drops_the_old_sidecar_first(m32, tmp_path, monkeypatch):
+    """A failure between the replace and the new sidecar leaves no sidecar rather than one with the old checksum."""
+    out = tmp_path / "m.pt"
+    export_torchscript(m32, out)
+    old = json.loads(sidecar_path(out).read_text())["sha256"]
+
+    def fail(*a, **k):
+        raise OSError("disk full while writing the sidecar")
+    monkeypatch.setattr(common, "atomic_write_text", fail)
+    m = small_model(size=32, seed=1)
+    with pytest.raises(OSError, match="disk full"):
+        export_torchscript(m, out)
+    assert not sidecar_path(out).exists() and common.sha256_of(out) != old
+
+
+def test_model_flag_must_match_the_variant_the_file_names(tmp_path):
+    ck = tmp_path / "m09.safetensors"
+    repvit.save_checkpoint(repvit.create_model("repvit_m0_9", num_classes=10, deploy=True), ck)
+    with pytest.raises(ValueError, match="holds repvit_m0_9 .* but --model says repvit_m1"):
+        load_source(str(ck), model="repvit_m1")             # same widths and depths: it would load, mislabelled
+    assert load_source(str(ck), model="repvit_m0_9").variant == "repvit_m0_9"
+
+
+def test_ema_with_a_variant_name_and_huge_input_sizes_are_refused(tmp_path, capsys):
+    rc = cli_main(["export", "repvit_m0_6", "--ema", "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert rc == 2 and "--ema selects the EMA weights of a training checkpoint" in capsys.readouterr().err
+    rc = cli_main(["export", "repvit_m0_6", "--format", "onnx", "--input-size", "100000", "100000",
+                   "--out", str(tmp_path / "m.onnx")])
+    assert rc == 2 and "too large" in capsys.readouterr().err
+    rc = cli_main(["quantize", "repvit_m0_6", "--calib", "digits", "--num-eval", "10", "--out", str(tmp_path / "q.onnx")])
+    assert rc == 2 and "add --eval" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_dynamo_export_with_json_prints_only_json(tmp_path, capsys):
+    rc = cli_main(["export", "repvit_m0_6", "--num-classes", "10", "--input-size", "32", "32", "--format", "onnx",
+                   "--exporter", "dynamo", "--out", str(tmp_path / "d.onnx"), "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["exporter"] == "dynamo"
+
+
+def test_calibration_folders_follow_symlinked_class_folders(tmp_path):
+    """Training's folder reader follows symlinks; calibration and --eval must see the same images."""
+    import numpy as np
+    from PIL import Image
+
+    from repvit.export.calib import load_images
+    real = tmp_path / "real"
+    for c in ("a", "b"):
+        (real / c).mkdir(parents=True)
+        Image.fromarray(np.full((40, 40, 3), 50, np.uint8)).save(real / c / "x.png")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a").symlink_to(real / "a", target_is_directory=True)
+    (calib / "b").symlink_to(real / "b", target_is_directory=True)
+    pre = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+    x, y = load_images(str(calib), pre, num_classes=2)
+    assert x.shape[0] == 2 and sorted(y.tolist()) == [0, 1]
+
+
+def test_coreml_refuses_repeated_class_labels(m32, tmp_path):
+    pytest.importorskip("coremltools")
+    from repvit.export import export_coreml
+    labels = [f"c{i}" for i in range(m32.num_classes)]
+    labels[3] = labels[1]
+    with pytest.raises(ValueError, match=r"class labels must be unique .*'c1' \(classes 1 and 3\)"):
+        export_coreml(m32, tmp_path / "m.mlpackage", class_labels=labels)
+    assert not list(tmp_path.iterdir())

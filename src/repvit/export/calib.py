@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.folder import IMG_EXTENSIONS
 from ..data.images import to_mode
 from .common import require
 
@@ -24,7 +25,7 @@ __all__ = ["load_images", "normalise", "BUILTIN", "IMAGE_SUFFIXES"]
 
 BUILTIN = ("fashion-mnist", "digits")
 _BUILTIN_CLASSES = {"fashion-mnist": 10, "digits": 10}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_SUFFIXES = IMG_EXTENSIONS   # what training's folder reader takes
 _FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -106,7 +107,9 @@ def _folder_images(root: Path, pre: dict[str, Any], limit: int | None, seed: int
     from PIL import Image
     from timm.data import create_transform
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # os.walk following links, as training's folder reader does (Path.rglob skips symlinked class folders)
+    files = sorted(Path(d) / f for d, _, names in os.walk(root, followlinks=True) for f in names
+                   if f.lower().endswith(IMAGE_SUFFIXES) and (Path(d) / f).is_file())
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}; "
                          "pass a folder of images or a built-in dataset name (fashion-mnist, digits)")

@@ -72,6 +72,13 @@ def export_coreml(
     labels = [str(x) for x in (class_labels or range(n))]
     if len(labels) != n:
         raise ValueError(f"got {len(labels)} class labels for a model with {n} classes")
+    seen: dict[str, int] = {}
+    dups = [f"{lab!r} (classes {seen[lab]} and {i})" for i, lab in enumerate(labels) if seen.setdefault(lab, i) != i]
+    if dups:
+        # Core ML's probability output is a dictionary keyed by label: a repeated label would lose a class
+        raise ValueError(f"class labels must be unique (Core ML keys its probabilities by label), but "
+                         f"{', '.join(dups[:3])}{' ...' if len(dups) > 3 else ''} repeat; make them distinct, e.g. "
+                         "'crane (bird)' and 'crane (machine)' in ImageNet's list")
 
     scale, bias, fold = coreml_image_params(pre["mean"], pre["std"])
     net = nn.Sequential(_fold_channel_scale(fused, fold), nn.Softmax(dim=1)).eval()
