@@ -190,6 +190,20 @@ def test_set_overrides_and_errors():
     ("aug.smoothing=1.1", r"aug.smoothing must lie in \[0, 1\]"),
     ("model.drop_rate=-0.2", r"model.drop_rate must lie in \[0, 1\)"),
     ("model.drop_path_rate=1.01", r"model.drop_path_rate must lie in \[0, 1\)"),
+    # values that validated (and printed with --dry-run) but crashed the run with a raw traceback
+    ("schedule.sched=none", r"schedule.sched must be one of"),
+    ("schedule.sched=plateau", r"schedule.sched must be one of"),
+    ("data.interpolation=bicubc", r"data.interpolation must be one of"),
+    ("data.interpolation=random", r"data.interpolation must be one of"),
+    ("optim.opt=adamww", r"optim.opt='adamww' is not a timm optimizer; did you mean adamw"),
+    ("distill.tau=.nan", r"distill.tau must be > 0"),
+    ("schedule.warmup_epochs=.nan", r"schedule.warmup_epochs must lie in"),
+    ("data.std=[0.5, 0]", r"data.std must be positive"),
+    ("data.mean=[.nan]", r"data.mean must be a list of numbers"),
+    ("data.max_train_samples=-5", r"data.max_train_samples must be >= 0"),
+    ("data.max_val_samples=-1", r"data.max_val_samples must be >= 0"),
+    # a whole section would reset the recipe's other keys of it to the code defaults
+    ("optim={opt: adamw}", r"--set optim=... names a whole section; set its keys one by one"),
 ])
 def test_out_of_range_values_name_the_key_and_the_range(override, message):
     with pytest.raises(ValueError, match=message):

@@ -134,3 +134,21 @@ def test_eval_of_a_checkpoint_list_refuses_members_with_different_inputs(tmp_pat
         evaluate_checkpoint(f"{a}/deploy.safetensors,{b}/deploy.safetensors", "digits", max_samples=8)
     with pytest.raises(ValueError, match="empty entry"):
         evaluate_checkpoint(f"{a}/deploy.safetensors,", "digits", max_samples=8)
+
+
+def test_eval_uses_the_crop_the_checkpoint_records(tmp_path):
+    """Size, mean/std and interpolation came from the checkpoint but the crop from the flag's default: a model
+    validated with crop 0.95 during training was scored at 0.875 without a word."""
+    import repvit
+    from repvit.train.evaluate import evaluate_checkpoint
+    m = repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1).eval()
+    ck = tmp_path / "m.safetensors"
+    repvit.save_checkpoint(m, ck, preprocessing={"input_size": [1, 32, 32], "mean": [0.5], "std": [0.5],
+                                                 "interpolation": "bilinear", "crop_pct": 0.95})
+    res = evaluate_checkpoint(str(ck), "digits", max_samples=16, num_workers=0)
+    assert res["eval_crop"] == "timm" and not any("overrides" in n for n in res["notes"])
+    res = evaluate_checkpoint(str(ck), "digits", max_samples=16, num_workers=0, eval_crop="official")
+    assert res["eval_crop"] == "official" and any("overrides the checkpoint's recorded crop (timm" in n
+                                                  for n in res["notes"])
+    with pytest.raises(ValueError, match="--max-samples must be >= 0"):
+        evaluate_checkpoint(str(ck), "digits", max_samples=-5, num_workers=0)

@@ -276,9 +276,10 @@ def _check_labels_fit(bundle: DataBundle, num_classes: int, src: str, num_classe
         targets = getattr(ds, "targets", None) if ds is not None else None
         top = max(targets) if targets is not None and len(targets) else -1
         if top >= num_classes:
+            fix = (f"set it to at least {top + 1}, or leave it unset to take the data's class count"
+                   if num_classes_from == "model.num_classes" else "use data with the model's classes")
             raise ValueError(f"the {split} split of {src!r} has labels up to {top} ({top + 1} classes) but "
-                             f"{num_classes_from} is {num_classes}; set it to at least {top + 1}, or leave it unset "
-                             "to take the data's class count")
+                             f"{num_classes_from} is {num_classes}; {fix}")
 
 
 def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_classes: int | None = None,

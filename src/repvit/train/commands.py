@@ -45,8 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--download-dir", help="folder of the Fashion-MNIST IDX files (or the Hugging Face datasets "
                    "cache); default: a run's data.download_dir for its last.pt / run dir, else the Debian path")
     e.add_argument("--form", choices=("train", "deploy"), default="train", help="evaluate as trained or fused")
-    e.add_argument("--preprocessing", choices=("official", "timm"), default="official",
-                   help="official: resize 256 / crop 224 (crop 0.875); timm: crop 0.95")
+    e.add_argument("--preprocessing", choices=("official", "timm"), default=None,
+                   help="official: resize 256 / crop 224 (crop 0.875); timm: crop 0.95 (default: the crop the "
+                        "checkpoint records, else official)")
     e.add_argument("--img-size", type=int, help="default: the checkpoint's preprocessing input size")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--workers", type=int, default=4)

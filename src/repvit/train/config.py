@@ -154,6 +154,28 @@ class TrainConfig:
         _choice("optim.clip_mode", self.optim.clip_mode, ("agc", "norm", "value", "none"))
         _choice("run.save_best_from", self.run.save_best_from, ("auto", "ema", "raw"))
         _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
+        # schedulers the loop can drive per update (plateau needs a metric, none builds no scheduler)
+        _choice("schedule.sched", self.schedule.sched, ("cosine", "tanh", "step", "multistep", "poly"))
+        # what timm's resize transforms take ('random' is a training-only mode: evaluation needs one)
+        _choice("data.interpolation", self.data.interpolation,
+                ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"))
+        try:
+            from timm.optim import list_optimizers
+        except ImportError:                 # older timm: the optimizer factory reports an unknown name itself
+            list_optimizers = None
+        if list_optimizers is not None and self.optim.opt.lower() not in list_optimizers():
+            close = difflib.get_close_matches(self.optim.opt.lower(), list_optimizers(), n=3)
+            raise ValueError(f"optim.opt={self.optim.opt!r} is not a timm optimizer"
+                             f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}")
+        for name, v in (("data.mean", self.data.mean), ("data.std", self.data.std)):
+            if v is not None and (not v or any(not isinstance(x, (int, float)) or x != x for x in v)):
+                raise ValueError(f"{name} must be a list of numbers (one per input channel) or null, got {v}")
+        if self.data.std is not None and any(x <= 0 for x in self.data.std):
+            raise ValueError(f"data.std must be positive, got {self.data.std}")
+        for name, v in (("data.max_train_samples", self.data.max_train_samples),
+                        ("data.max_val_samples", self.data.max_val_samples)):
+            if v is not None and not v >= 0:
+                raise ValueError(f"{name} must be >= 0 (0 or null: all samples), got {v}")
         for name, v in (("schedule.epochs", self.schedule.epochs), ("run.batch_size", self.run.batch_size),
                         ("data.img_size", self.data.img_size), ("aug.repeated_aug", self.aug.repeated_aug)):
             if v < 1:
@@ -186,11 +208,11 @@ class TrainConfig:
         if self.run.global_batch is not None and self.run.global_batch % self.run.batch_size:
             raise ValueError(f"run.global_batch ({self.run.global_batch}) must be a multiple of run.batch_size "
                              f"({self.run.batch_size}) so gradient accumulation can fill it")
-        if not 0.0 <= self.distill.alpha <= 1.0 or self.distill.tau <= 0:
+        if not 0.0 <= self.distill.alpha <= 1.0 or not self.distill.tau > 0:     # NaN fails both
             raise ValueError("distill.alpha must lie in [0, 1] and distill.tau must be > 0")
         if not 0.0 <= self.ema.decay < 1.0:
             raise ValueError(f"ema.decay must lie in [0, 1), got {self.ema.decay}")
-        if self.schedule.warmup_epochs < 0 or self.schedule.warmup_epochs > self.schedule.epochs:
+        if not 0 <= self.schedule.warmup_epochs <= self.schedule.epochs:
             raise ValueError("schedule.warmup_epochs must lie in [0, schedule.epochs]")
         if (self.aug.mixup > 0 or self.aug.cutmix > 0) and self.run.batch_size % 2:
             raise ValueError("mixup/cutmix need an even run.batch_size")
@@ -331,6 +353,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             close = difflib.get_close_matches(parts[-1], list(node), n=2)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown config key {key!r} in --set.{hint}")
+        if isinstance(node[parts[-1]], dict):
+            # replacing a whole section would reset its other keys to the code defaults, not the recipe's
+            raise ValueError(f"--set {key}=... names a whole section; set its keys one by one "
+                             f"(e.g. --set {key}.{next(iter(node[parts[-1]]))}=...)")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return config_from_dict(data)
 

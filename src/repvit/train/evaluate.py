@@ -193,7 +193,14 @@ def model_in_chans(model: nn.Module) -> int | None:
     return int(chans) if chans is not None else None
 
 
-def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval_crop: str = "official",
+def _recorded_crop(pre: dict) -> str | None:
+    """The eval_crop name ("official"/"timm") of a checkpoint's recorded crop_pct, None when it records another."""
+    from repvit.data import CROP_PCT
+    crop = pre.get("crop_pct")
+    return next((k for k, v in CROP_PCT.items() if crop is not None and abs(float(crop) - v) < 1e-6), None)
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval_crop: str | None = None,
                         batch_size: int = 128, device: str = "auto", img_size: int | None = None,
                         num_workers: int = 4, max_samples: int | None = None, data_format: str = "auto",
                         split: str = "val", tta: str = "none", download_dir: str | None = None) -> dict[str, Any]:
@@ -218,6 +225,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
 
     if form not in ("train", "deploy"):
         raise ValueError(f"--form must be train or deploy, got {form!r}")
+    if max_samples is not None and max_samples < 0:
+        raise ValueError(f"--max-samples must be >= 0 (0 or unset: all images), got {max_samples}")
     _check_tta(tta)     # before any data is read
     paths = [Path(s) for s in split_comma_list(checkpoint, "checkpoint list")]
     if len(paths) == 1:
@@ -231,6 +240,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
                        ("cpu" if device == "auto" else device))
     pre = getattr(models[0][1], "preprocessing", None) or {}
     size = img_size or (pre.get("input_size") or [3, 224, 224])[-1]
+    recorded = _recorded_crop(pre)
+    notes_crop = []
+    if eval_crop is None:       # the crop the model was validated with during training, like size and mean/std
+        eval_crop = recorded or "official"
+    elif recorded is not None and recorded != eval_crop:
+        notes_crop.append(f"note: --preprocessing {eval_crop} overrides the checkpoint's recorded crop ({recorded}, "
+                          f"crop_pct {pre.get('crop_pct')})")
     dcfg = DataConfig(dataset=data, format=data_format, img_size=size, eval_crop=eval_crop, val_split=split,
                       num_workers=num_workers, max_val_samples=max_samples,
                       mean=tuple(pre["mean"]) if pre.get("mean") else None,
@@ -272,7 +288,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
     main = next((r for r in results if r["weights"] == "ensemble"), None) or \
         next((r for r in results if r["weights"] == "ema"), results[0])
     return {"checkpoint": checkpoint if len(paths) > 1 else str(paths[0]), "data": bundle.name,
-            "notes": list(bundle.notes),
+            "notes": list(bundle.notes) + notes_crop,
             "eval_crop": eval_crop, "img_size": size, "tta": tta,
             "top1": main["top1"], "top5": main["top5"], "n": main["n"], "results": results}
 
