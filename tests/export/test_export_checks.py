@@ -288,3 +288,15 @@ def test_coreml_refuses_repeated_class_labels(m32, tmp_path):
     with pytest.raises(ValueError, match=r"class labels must be unique .*'c1' \(classes 1 and 3\)"):
         export_coreml(m32, tmp_path / "m.mlpackage", class_labels=labels)
     assert not list(tmp_path.iterdir())
+
+
+def test_out_that_is_the_source_checkpoint_is_refused(m32, tmp_path, capsys):
+    ck = tmp_path / "m.pt"
+    torch.save(m32.state_dict(), ck)
+    before = ck.read_bytes()
+    for cmd in (["export", str(ck), "--model", "repvit_m0_6", "--format", "torchscript", "--out", str(ck)],
+                ["quantize", str(ck), "--model", "repvit_m0_6", "--calib", "digits", "--out", str(ck)]):
+        rc = cli_main(cmd)
+        err = capsys.readouterr().err
+        assert rc == 2 and "is the SOURCE checkpoint itself" in err, err
+    assert ck.read_bytes() == before

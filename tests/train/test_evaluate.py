@@ -152,3 +152,9 @@ def test_eval_uses_the_crop_the_checkpoint_records(tmp_path):
                                                   for n in res["notes"])
     with pytest.raises(ValueError, match="--max-samples must be >= 0"):
         evaluate_checkpoint(str(ck), "digits", max_samples=-5, num_workers=0)
+
+
+def test_eval_of_a_directory_without_last_pt_says_what_to_pass(tmp_path):
+    from repvit.train.evaluate import evaluate_checkpoint
+    with pytest.raises(FileNotFoundError, match="is a directory without a last.pt; pass a checkpoint file"):
+        evaluate_checkpoint(str(tmp_path), "digits", num_workers=0)

@@ -103,6 +103,13 @@ def _print(info: dict[str, Any], args: argparse.Namespace, lines: list[str]) -> 
         print("\n".join(lines))
 
 
+def _check_not_source(args: argparse.Namespace, out: Path) -> None:
+    src = Path(args.source).expanduser()
+    if src.is_file() and out.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the SOURCE checkpoint itself; the export would replace it: choose another "
+                         "output path")
+
+
 # format-specific options: which formats each applies to, and whether the command line set it (defaults are None
 # where the option has a value, so an explicit default is refused too)
 _FORMAT_FLAGS = {
@@ -122,6 +129,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "coreml" and out.suffix != ".mlpackage":
         raise ValueError(f"Core ML output must end in .mlpackage (e.g. --out {out.with_suffix('.mlpackage')})")
     check_writable(out)  # before the (slow) model loading
+    _check_not_source(args, out)
     bad = [flag for flag, (formats, used) in _FORMAT_FLAGS.items() if used(args) and args.format not in formats]
     if bad:
         where = ", ".join(sorted({f for flag in bad for f in _FORMAT_FLAGS[flag][0]}))
@@ -215,6 +223,7 @@ def _quantize(args: argparse.Namespace) -> int:
     backend = _check_backend(args, out)
     _check_source_flags(args)
     check_writable(out)
+    _check_not_source(args, out)
     if args.keep_float is None:
         keep_float = []
     elif "none" in args.keep_float:

@@ -121,7 +121,10 @@ def _models_from_train_state(path: Path) -> tuple[list[tuple[str, nn.Module]], d
 
     state = load_train_state(path)
     cfg = config_from_dict(state["config"])
-    meta = state.get("data_info", {})
+    meta = state.get("data_info") or {}
+    if "num_classes" not in meta or "in_chans" not in meta:
+        raise ValueError(f"{path} is a training state without its data_info (class count, input channels); "
+                         "evaluate the run's best.safetensors / deploy.safetensors instead")
     num_classes, in_chans = int(meta["num_classes"]), int(meta["in_chans"])
     cfg.model.pretrained = None
     out = []
@@ -139,6 +142,9 @@ def _load_for_eval(p: Path) -> tuple[list[tuple[str, nn.Module]], Any]:
     the run's config (a TrainConfig) for a run's checkpoint, else None."""
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} not found")
+    if p.is_dir() and not (p / "last.pt").is_file():
+        raise FileNotFoundError(f"{p} is a directory without a last.pt; pass a checkpoint file (e.g. "
+                                f"{p}/best.safetensors) or a run directory")
     if p.is_dir() or p.suffix == ".pt" and _is_train_state(p):
         models, extra = _models_from_train_state(p)
         return models, extra["config"]
