@@ -471,3 +471,11 @@ def test_hfds_image_column_that_holds_no_images(tmp_path):
     with pytest.raises(ValueError, match=r"image column 'image' of split 'train' of Hugging Face dataset .* holds "
                                          r".*int64.*, not images"):
         HFImageDataset(str(root), "train")
+
+
+def test_wds_shards_found_by_name_match_the_split_as_a_word(tmp_path):
+    """Without an info file, split 'val' must not also take 'trainval' shards (training images in validation)."""
+    root = tmp_path / "wds"
+    make_wds(root, shards=(("train", 6), ("val", 3), ("trainval", 4)), info=False)
+    b = build_data(DataConfig(dataset=str(root), format="wds", img_size=16, val_split="val"), AUG)
+    assert len(b.val) == 3 and len(b.train) == 6

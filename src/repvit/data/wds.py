@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -133,7 +134,9 @@ def wds_split_shards(root: Path, split: str, info: dict) -> tuple[list[Path], in
                                  f"sample count of each shard")
             declared = sum(_count(n, f"shard_lengths[{i}]", where) for i, n in enumerate(lengths))
     else:
-        shards = sorted(set(root.glob(f"*{split}-*.tar")) | set(root.glob(f"{split}/*.tar")))
+        # the split name as a whole word of the file name: "val" must not pick up "trainval-0000.tar"
+        named = [p for p in root.glob(f"*{split}-*.tar") if re.search(rf"(^|[-_.]){re.escape(split)}-", p.name)]
+        shards = sorted(set(named) | set(root.glob(f"{split}/*.tar")))
         if not shards:
             tars = sorted(p.name for p in root.glob("*.tar"))[:5]
             raise FileNotFoundError(
