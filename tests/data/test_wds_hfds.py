@@ -479,3 +479,26 @@ def test_wds_shards_found_by_name_match_the_split_as_a_word(tmp_path):
     make_wds(root, shards=(("train", 6), ("val", 3), ("trainval", 4)), info=False)
     b = build_data(DataConfig(dataset=str(root), format="wds", img_size=16, val_split="val"), AUG)
     assert len(b.val) == 3 and len(b.train) == 6
+
+
+def test_hfds_eval_of_a_hub_dataset_reads_class_names_without_the_training_split(monkeypatch):
+    """Evaluation needs the training split's class order; for a hub dataset its metadata has it (one ClassLabel
+    for all splits): loading the training split to read it would download all of its images."""
+    datasets = pytest.importorskip("datasets")
+    val = _hf_named(datasets, ["cat", "dog", "fox"], ["fox", "dog"])
+    loaded = []
+
+    def load_dataset(src, split=None, cache_dir=None):
+        loaded.append(split)
+        if split != "validation":
+            raise AssertionError(f"split {split!r} was downloaded")
+        return val
+
+    class Builder:
+        info = type("Info", (), {"features": val.features})()
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda src, cache_dir=None: Builder())
+    ev = build_data(DataConfig(dataset="someone/tiny-animals", format="hfds", img_size=16, val_split="validation"),
+                    AUG, train=False)
+    assert loaded == ["validation"] and ev.val.classes == ["cat", "dog", "fox"] and ev.val.targets == [2, 1]
+    assert not any("could not read" in n for n in ev.notes)

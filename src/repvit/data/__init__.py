@@ -330,8 +330,13 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
             elif va.named_classes:
                 # evaluation: the model's class indices are the training split's, so read that split's names too
                 # (its rows are not decoded); without it, say that the order could not be checked
+                from types import SimpleNamespace
+
+                from .hf import hub_class_names
+                names = hub_class_names(src, data.download_dir)   # a hub dataset: its metadata, no download
                 try:
-                    ref = HFImageDataset(src, data.train_split, None, cache_dir=data.download_dir)
+                    ref = (SimpleNamespace(named_classes=True, classes=names) if names is not None else
+                           HFImageDataset(src, data.train_split, None, cache_dir=data.download_dir))
                 except Exception as e:  # noqa: BLE001 - no training split here (an eval-only dataset)
                     hf_notes.append(f"note: could not read the {data.train_split!r} split of {src!r} ({e}); the "
                                     f"{data.val_split!r} split's own class order is used - it matches the model "

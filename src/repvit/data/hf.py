@@ -108,6 +108,21 @@ def open_hf_split(src: str, split: str, cache_dir: str | None = None):
         raise ValueError(f"could not open {src!r} as a Hugging Face dataset (data.format=hfds): {e}") from e
 
 
+def hub_class_names(src: str, cache_dir: str | None = None) -> list[str] | None:
+    """The class names a Hugging Face hub dataset declares (its ClassLabel), read from the dataset's metadata
+    without downloading any split; None when ``src`` is a local path, the names cannot be read, or the label is
+    not a ClassLabel. Evaluation needs the training split's class order, not its images."""
+    if Path(src).expanduser().exists():
+        return None
+    datasets = _import_datasets()
+    try:
+        features = datasets.load_dataset_builder(src, cache_dir=cache_dir).info.features or {}
+    except Exception:  # noqa: BLE001 - offline, unknown id: the caller falls back to what it has
+        return None
+    feat = next((features[k] for k in LABEL_KEYS if k in features), None)
+    return list(feat.names) if isinstance(feat, datasets.ClassLabel) else None
+
+
 def _column(ds: Any, keys: tuple[str, ...], what: str, src: str) -> str:
     for k in keys:
         if k in ds.column_names:
