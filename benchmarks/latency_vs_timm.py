@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                          "per-round ratios pooled (in ONNX Runtime the first-created session ran ~1%% slower on "
                          "the AMX Xeon)")
     args = ap.parse_args(argv)
+    from repvit.bench.runtimes import check_runtimes
+    check_runtimes(args.runtimes)   # before any model is built: a misspelt runtime must not run another one
 
     res = measure_both_orders(args, _strip(argv, "--first", "--json", "--markdown")) if args.first == "both" \
         else measure(args)

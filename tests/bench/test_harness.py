@@ -245,3 +245,43 @@ def test_gpu_mode_is_guarded(capsys):
         pytest.skip("a GPU is present: the guard does not apply")
     assert main(["bench", "--gpu", "--models", "repvit_m0_6"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_bad_settings_are_refused_before_anything_is_prepared(tmp_path: Path, monkeypatch, capsys):
+    """Preparing and timing can take minutes: iteration counts, downstream options, runtime names and output
+    paths are checked first (they used to fail after the main group had run, losing its results)."""
+    import repvit.bench.harness as harness
+    from repvit.bench.runtimes import prepare
+
+    def no_prepare(*a, **k):
+        raise AssertionError("prepared before the settings were checked")
+    monkeypatch.setattr(harness, "prepare", no_prepare)
+    with pytest.raises(ValueError, match="need --iters >= 1"):
+        run_bench(["repvit_m0_6"], ["eager"], iters=0, input_size=64)
+    with pytest.raises(ValueError, match="add --downstream"):
+        run_bench(["repvit_m0_6"], ["eager"], input_size=64, downstream_runtimes=["eager"])
+    with pytest.raises(ValueError, match="unknown runtime"):
+        run_bench(["repvit_m0_6"], ["eager"], input_size=64, downstream=True, downstream_runtimes=["onnxruntime_cuda"])
+    with pytest.raises(ValueError, match="unknown runtime"):                     # not run as its prefix's runtime
+        prepare("onnxruntime_cuda", None, None, tmp_path, threads=1)
+    (tmp_path / "out").mkdir()
+    for extra, says in ((["--json", str(tmp_path / "out")], "is a directory"),
+                        (["--json", str(tmp_path / "r.md")], "output paths coincide")):
+        rc = main(["bench", "--models", "repvit_m0_6", "--runtimes", "eager", "--input-size", "64", *extra])
+        assert rc == 2 and says in capsys.readouterr().err
+
+
+def test_every_row_timing_the_fp32_onnx_file_names_its_exporter(tmp_path: Path):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from repvit import reparameterize
+    from repvit.bench.runtimes import prepare
+    from repvit.models import build_model
+    model = reparameterize(build_model("repvit_m0_6", num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    facts = {rt: prepare(rt, model, x, tmp_path, threads=1, tag="m")[1]
+             for rt in ("onnxruntime_int8", "onnxruntime", "onnxruntime_nchwc")}
+    assert "exporter" not in facts["onnxruntime_int8"]          # its file is the quantizer's (see its note)
+    assert facts["onnxruntime"]["exporter"].startswith("repvit.export")
+    assert facts["onnxruntime_nchwc"]["exporter"].endswith("ort_layout")

@@ -86,6 +86,22 @@ def _sibling(base: Path | None, explicit: Path | None, suffix: str) -> Path | No
     return base.with_suffix(suffix) if base is not None else None
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before a run that may take many minutes: the output paths must be writable files, and distinct (a --json
+    ending in .md would be overwritten by the Markdown written next to it)."""
+    paths = [p for p in (args.json, _sibling(args.json, args.markdown, ".md"), _sibling(args.json, args.plot, ".png"))
+             if p is not None]
+    for p in paths:
+        if Path(p).is_dir():
+            raise ValueError(f"output path {p} is a directory; give a file name")
+        parent = Path(p).parent
+        if str(parent) and parent.exists() and not parent.is_dir():
+            raise ValueError(f"cannot write {p}: {parent} is not a directory")
+    if len({Path(p).resolve() for p in paths}) < len(paths):
+        raise ValueError(f"output paths coincide ({', '.join(map(str, paths))}): give --json a .json name, or "
+                         "--markdown / --plot paths of their own")
+
+
 def _write_outputs(args: argparse.Namespace, obj, md: str, plot) -> None:
     """Print the Markdown; write JSON, Markdown and PNG where asked (or next to --json)."""
     from .report import write_json, write_text
@@ -126,12 +142,15 @@ def _bench(args: argparse.Namespace) -> int:
     if args.gpu_batch is not None:
         raise ValueError("--gpu-batch applies to --gpu only")
     from .harness import run_bench
+    _check_outputs(args)
     runtimes = [x for s in args.runtimes for x in _csv(s)] if args.runtimes else None
+    ds_models = [m for s in args.downstream_models for m in _csv(s)] if args.downstream_models else None
+    ds_runtimes = [x for s in args.downstream_runtimes for x in _csv(s)] if args.downstream_runtimes else None
     opt = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in _CPU_DEFAULTS.items()}
     res = run_bench(models, runtimes, threads=args.threads, input_size=args.input_size, warmup=opt["warmup"],
                     iters=opt["iters"], rounds=opt["rounds"], downstream=args.downstream,
-                    downstream_size=args.downstream_size, downstream_models=args.downstream_models,
-                    downstream_runtimes=args.downstream_runtimes,
+                    downstream_size=args.downstream_size, downstream_models=ds_models,
+                    downstream_runtimes=ds_runtimes,
                     peak=not args.no_peak)
     _write_outputs(args, res, bench_markdown(res), lambda png: plot_bench(res, png, args.plot_runtime))
     return 0
@@ -140,6 +159,10 @@ def _bench(args: argparse.Namespace) -> int:
 def _roadmap(args: argparse.Namespace) -> int:
     from .report import plot_roadmap, roadmap_markdown
     from .roadmap import run_roadmap
+    _check_outputs(args)
+    if args.iters < 1 or args.rounds < 1 or args.warmup < 0:
+        raise ValueError(f"need --iters >= 1, --rounds >= 1 and --warmup >= 0; got {args.iters}, {args.rounds}, "
+                         f"{args.warmup}")
     steps, meta = run_roadmap(runtime=args.runtime, threads=args.threads, input_size=args.input_size,
                               warmup=args.warmup, iters=args.iters, rounds=args.rounds, measure=not args.no_measure)
     plot = None if args.no_measure else (lambda png: plot_roadmap(steps, png))

@@ -177,6 +177,16 @@ def run_bench(
     rts = check_runtimes(list(runtimes or DEFAULT_RUNTIMES))
     if input_size < 32 or downstream_size < 32:
         raise ValueError("input sizes must be >= 32 pixels (RepViT downsamples by 32)")
+    # everything the run will need is checked before anything is prepared or timed (which can take minutes)
+    if iters < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need --iters >= 1, --rounds >= 1 and --warmup >= 0; got {iters}, {rounds}, {warmup}")
+    if not downstream and (downstream_models or downstream_runtimes):
+        raise ValueError("--downstream-models / --downstream-runtimes apply to the downstream backbones: add "
+                         "--downstream (or drop them)")
+    if downstream_models:
+        resolve_models(downstream_models)
+    if downstream_runtimes:
+        check_runtimes(downstream_runtimes)
     with pin_threads(threads) as pinned:
         return _run_pinned(pinned, entries, rts, input_size=input_size, warmup=warmup, iters=iters, rounds=rounds,
                            downstream=downstream, downstream_size=downstream_size,

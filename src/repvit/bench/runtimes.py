@@ -45,6 +45,10 @@ class RuntimeUnavailable(RuntimeError):
     """The runtime cannot run here (not installed, unsupported CPU, export failed)."""
 
 
+# which exporter wrote each fp32 ONNX file of this process, so every runtime that times a file reports it
+_EXPORTERS: dict[str, str] = {}
+
+
 def check_runtimes(names: list[str]) -> list[str]:
     bad = [n for n in names if n not in RUNTIMES]
     if bad:
@@ -139,6 +143,7 @@ def _quantize_pkg(model: nn.Module, out: Path, example: torch.Tensor) -> str | N
 def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path, threads: int,
             tag: str = "model") -> tuple[Callable[[], object], dict]:
     """Return (run_once, facts) for ``model`` in ``runtime``; raises RuntimeUnavailable."""
+    check_runtimes([runtime])     # a misspelt name must not run its prefix's runtime under another label
     workdir = Path(workdir)
     facts = {"dtype": DTYPE.get(runtime, "fp32")}
     if runtime in ("eager", "eager_cl"):
@@ -180,7 +185,9 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
     if runtime.startswith("onnxruntime") or runtime.startswith("openvino"):
         onnx_path = workdir / f"{tag}.onnx"
         if not onnx_path.exists():
-            facts["exporter"] = export_onnx(model, example, onnx_path)
+            _EXPORTERS[str(onnx_path)] = export_onnx(model, example, onnx_path)
+        if not runtime.endswith("_int8"):      # the rows that time this fp32 file (int8 rows: see their note)
+            facts["exporter"] = _EXPORTERS.get(str(onnx_path))
         xn = example.numpy()
         if runtime.startswith("onnxruntime"):
             try:
@@ -197,6 +204,7 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
                 onnx.save(rewritten, str(path))
                 facts["note"] = (f"SE pass: {counts['pools']} pools -> GlobalAveragePool, {counts['gates']} gates "
                                  "resized")
+                facts["exporter"] = f"{facts.get('exporter')} + repvit.export.ort_layout"
             if runtime == "onnxruntime_int8":
                 path = workdir / f"{tag}.int8.onnx"
                 if not path.exists():
