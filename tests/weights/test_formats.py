@@ -221,3 +221,39 @@ def test_features_only_keeps_the_checkpoints_preprocessing(tmp_path):
     bb = repvit.load_checkpoint(repvit.create_model("repvit_m0_6", in_chans=1, features_only=True),
                                 tmp_path / "fm.safetensors")
     assert bb.preprocessing == m.preprocessing
+
+
+def test_files_without_batchnorm_step_counters_load(tmp_path):
+    """torch fills a missing num_batches_tracked itself; cleaned state dicts were refused as mismatched."""
+    m = randomize_bn(repvit.create_model("repvit_m0_6"))
+    sd = {k: v for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "clean.pth")
+    got = repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "clean.pth").state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+
+
+def test_ema_saved_by_torch_averaged_model_loads(tmp_path):
+    """torch.optim.swa_utils.AveragedModel (torchvision's model_ema) saves 'module.*' keys and 'n_averaged'."""
+    from torch.optim.swa_utils import AveragedModel
+    m = randomize_bn(repvit.create_model("repvit_m0_6"))
+    ema = AveragedModel(m, use_buffers=True)
+    torch.save({"model": m.state_dict(), "model_ema": ema.state_dict()}, tmp_path / "tv.pth")
+    got = repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "tv.pth", use_ema=True).state_dict()
+    assert _same(got, m.state_dict())
+
+
+def test_metadata_of_the_wrong_type_is_a_format_error(tmp_path):
+    from repvit.weights.io import CheckpointFormatError
+    m = repvit.create_model("repvit_m0_6")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "bad.safetensors"),
+              metadata={"format": "repvit", "variant": "repvit_m0_6", "preprocessing": "bicubic"})
+    with pytest.raises(CheckpointFormatError, match="metadata entry 'preprocessing' is 'bicubic', not an object"):
+        repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "bad.safetensors")
+
+
+def test_reset_classifier_keeps_a_distilling_student_distilling():
+    m = repvit.create_model("repvit_m0_6", distillation=True, num_classes=10)
+    m.set_distilled_training(True)
+    m.reset_classifier(5)
+    out = m.train()(torch.randn(2, 3, 64, 64))
+    assert isinstance(out, tuple) and out[0].shape == (2, 5)

@@ -574,10 +574,14 @@ class RepViT(nn.Module):
             distillation = getattr(self, "_distillation", self.distillation) if distillation is None else bool(distillation)
             self._distillation = distillation
         ref = next(self.parameters())
+        was_distilling = bool(getattr(self.head, "distilled_training", False))
         self.num_classes = num_classes
         self.head = make_head(self.num_features, num_classes, distillation=distillation,
                               drop_rate=self.drop_rate, deploy=self.deploy).to(ref.device, ref.dtype)
         self.head.train(self.training)  # a model in eval mode stays in eval mode (BatchNorm1d on running stats)
+        if was_distilling and distillation and num_classes > 0:
+            # a student set up for distillation keeps returning (cls, dist) in train mode with its new head
+            self.set_distilled_training(True)
 
     # -- forward --------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,8 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], ck: ReadCheckpoint
         own = set(model.state_dict())
         sd = {k: v for k, v in sd.items() if k in own}
     own_sd = model.state_dict()
+    # BatchNorm's step counter is not a weight (torch fills a missing one itself): files cleaned of it load
+    sd = {**{k: v for k, v in own_sd.items() if k.endswith("num_batches_tracked") and k not in sd}, **sd}
     shape_bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own_sd[k].shape)}"
                  for k, v in sd.items() if k in own_sd and own_sd[k].shape != v.shape]
     missing = [k for k in own_sd if k not in sd]

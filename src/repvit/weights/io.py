@@ -111,6 +111,8 @@ def _pick(container: dict[str, Any], use_ema: bool | None, path: str) -> tuple[d
         sd = container[ema_key]
         if "module" in sd and isinstance(sd["module"], dict):  # timm ModelEmaV2 wraps the model
             sd = sd["module"]
+        # torch.optim.swa_utils.AveragedModel (torchvision's model_ema): 'module.*' keys plus its step counter
+        sd = {k: v for k, v in sd.items() if k != "n_averaged"}
         return sd, True
     if raw_key is not None:
         return container[raw_key], False
@@ -186,6 +188,11 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool | None = None) -> 
             parsed_meta[k] = json.loads(v)
         except (TypeError, ValueError):
             parsed_meta[k] = v
+    # the entries models are built from must have their type, or a bad file fails later somewhere unrelated
+    for k, kind, what in (("preprocessing", dict, "an object"), ("variant", str, "a string")):
+        if k in parsed_meta and parsed_meta[k] is not None and not isinstance(parsed_meta[k], kind):
+            raise CheckpointFormatError(f"{path}: metadata entry {k!r} is {parsed_meta[k]!r}, not {what}; the file "
+                                        "was not written by repvit.save_checkpoint (or was edited)")
     try:
         state_info = layouts.analyse_ours(ours)
     except CheckpointFormatError as e:
