@@ -300,3 +300,16 @@ def test_out_that_is_the_source_checkpoint_is_refused(m32, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and "is the SOURCE checkpoint itself" in err, err
     assert ck.read_bytes() == before
+
+
+def test_sidecar_says_which_weights_of_a_training_checkpoint(m32, tmp_path):
+    """A training checkpoint holds raw and EMA weights: the sidecar says which were exported."""
+    ema = small_model(size=32, seed=2)
+    ck = tmp_path / "train.pth"
+    torch.save({"model": m32.state_dict(), "model_ema": ema.state_dict()}, ck)
+    for flag, want in ((None, "raw"), (True, "ema")):
+        out = tmp_path / f"{want}.pt"
+        export_torchscript(load_source(str(ck), model="repvit_m0_6", use_ema=flag), out)
+        assert json.loads(sidecar_path(out).read_text())["weights"] == want
+    export_torchscript(load_source("repvit_m0_6", num_classes=10), tmp_path / "r.pt")
+    assert json.loads(sidecar_path(tmp_path / "r.pt").read_text())["weights"] == "random"

@@ -239,6 +239,7 @@ def model_info(model: nn.Module, pre: dict[str, Any]) -> dict[str, Any]:
         "form": "deploy",
         "source_form": getattr(model, "_export_source_form", None),
         "source": getattr(model, "_export_source", None),
+        "weights": getattr(model, "_export_weights", None),    # ema | raw (of a training checkpoint) | random
         "num_classes": int(getattr(model, "num_classes", 0)),
         "in_chans": int(getattr(model, "in_chans", 3)),
         "input_size": list(pre["input_size"]),

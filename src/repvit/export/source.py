@@ -21,7 +21,7 @@ def to_deploy(model: RepViT) -> RepViT:
         raise ValueError(f"expected a RepViT classifier model, got {type(model).__name__}; "
                          "features-only backbones are not exported by this module")
     fused = reparameterize(model).float().cpu()  # exporters trace with CPU example inputs
-    for attr in ("preprocessing", "variant", "_export_source", "_export_source_form"):
+    for attr in ("preprocessing", "variant", "_export_source", "_export_source_form", "_export_weights"):
         if hasattr(model, attr):
             setattr(fused, attr, getattr(model, attr))
     if getattr(fused, "_export_source_form", None) is None:
@@ -69,6 +69,7 @@ def load_source(
         m = create_model(canonical_name(variant), checkpoint=path, use_ema=use_ema)
         m._export_source = path.name
         m._export_source_form = ck.info.form
+        m._export_weights = "ema" if ck.used_ema else "raw"
     elif path.is_dir():
         raise ValueError(f"{src} is a directory; pass a checkpoint file inside it (e.g. {src}/best.safetensors) "
                          "or a variant name")
@@ -85,5 +86,6 @@ def load_source(
         m = create_model(canonical_name(src), num_classes=1000 if num_classes is None else num_classes,
                          in_chans=3 if in_chans is None else in_chans)
         m._export_source = f"{canonical_name(src)} (random init)"
+        m._export_weights = "random"
         m._export_source_form = "train"
     return to_deploy(m)
