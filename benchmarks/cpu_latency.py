@@ -5,6 +5,9 @@
 """
 
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checkout without an install
 
 from repvit.cli import main
 

@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--res", type=int, default=64, help="input size of the network (stage maps are res/4 ... res/32)")
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/dw1x1_affine"))
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results" / "dw1x1_affine")
     args = ap.parse_args()
     if args.rounds < 1 or args.batch < 1 or args.res < 4 or args.threads < 1:
         ap.error("--rounds, --batch and --threads must be >= 1 and --res >= 4")

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checkout without an install
 import repvit
 from repvit.bench.machine import native_bf16
 from repvit.export.calib import _builtin_arrays, _to_model_input, load_images
@@ -515,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=64, help="images per timing sample (calls = iters / batch)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing int8_accuracy.json in --out-dir (the committed results by default)")
     ap.add_argument("--speed-sizes", type=int, nargs="+",
                     help="only measure fp32 vs INT8 latency of the cached model at these input sizes "
                          "(writes int8_speed_by_size.json/.md)")
@@ -540,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
     out = Path(args.out_dir)
+    if (out / "int8_accuracy.json").exists() and not args.overwrite:
+        ap.error(f"{out / 'int8_accuracy.json'} exists (committed results by default): pass another --out-dir, "
+                 "or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     res = {"variant": args.variant, "img": args.img, "threads": args.threads, "repeats": args.repeats,
            "machine": _machine(),

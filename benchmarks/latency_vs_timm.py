@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checkout without an install
 from repvit import load_checkpoint, reparameterize
 from repvit.bench.machine import machine_info, pin_threads
 from repvit.bench.report import machine_line, write_json, write_text

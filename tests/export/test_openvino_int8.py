@@ -16,8 +16,8 @@ from repvit.export.calib import load_images, normalise
 
 from .test_quantize import digits_ckpt, quantize_cli_within_bound  # noqa: F401  (the trained digits probe fixture)
 
-pytest.importorskip("openvino", reason="openvino is not installed (pip install 'repvit[bench]')")
-pytest.importorskip("nncf", reason="nncf is not installed (pip install 'repvit[bench]')")
+pytest.importorskip("openvino", reason="openvino is not installed (pip install 'repvit[openvino]')")
+pytest.importorskip("nncf", reason="nncf is not installed (pip install 'repvit[openvino]')")
 
 
 def test_openvino_quantize_cli_keeps_accuracy(digits_ckpt, tmp_path, capsys):  # noqa: F811

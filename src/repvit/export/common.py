@@ -41,6 +41,9 @@ _PIP_NAME = {
     "coremltools": "coremltools", "executorch": "executorch", "PIL": "pillow", "sklearn": "scikit-learn",
     "openvino": "openvino", "nncf": "nncf",
 }
+# the extra of pyproject.toml that carries each package (the error names the one that really installs it)
+_EXTRA = {"onnx": "export", "onnxruntime": "export", "onnxscript": "export", "onnxslim": "export",
+          "coremltools": "coreml", "executorch": "executorch", "openvino": "openvino", "nncf": "openvino"}
 
 
 def installed_version(dist: str) -> str | None:
@@ -58,10 +61,12 @@ def require(module: str, purpose: str) -> Any:
     try:
         return importlib.import_module(module)
     except Exception as e:  # ImportError, but also broken native extensions
-        pkg = _PIP_NAME.get(module.split(".")[0], module.split(".")[0])
+        top = module.split(".")[0]
+        pkg = _PIP_NAME.get(top, top)
+        extra = f"  (or pip install 'repvit[{_EXTRA[top]}]')" if top in _EXTRA else ""
         raise RuntimeError(
             f"{purpose} needs the Python package '{pkg}', which could not be imported ({type(e).__name__}: {e}). "
-            f"Install it with: pip install {pkg}  (or pip install 'repvit[export]')"
+            f"Install it with: pip install {pkg}{extra}"
         ) from e
 
 
