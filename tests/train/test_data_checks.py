@@ -144,17 +144,32 @@ def test_training_refuses_models_whose_channels_differ_from_the_data(tmp_path):
 
 
 def test_a_cached_teacher_logit_file_of_another_training_set_is_recomputed(tmp_path):
-    from repvit.train.loop import _cached_teacher_logits
+    from repvit.data import build_data
+    from repvit.train.loop import _cached_teacher_logits, _teacher_cache_key
 
     notes: list[str] = []
     path = tmp_path / "teacher_logits.pt"
-    assert _cached_teacher_logits(path, 5, 3, notes.append) is None and not notes        # no cache yet
+    key = "k1"
+    assert _cached_teacher_logits(path, 5, 3, key, notes.append) is None and not notes        # no cache yet
     good = torch.randn(5, 3)
-    torch.save(good, path)
-    assert torch.equal(_cached_teacher_logits(path, 5, 3, notes.append), good) and not notes
+    torch.save({"logits": good, "key": key}, path)
+    assert torch.equal(_cached_teacher_logits(path, 5, 3, key, notes.append), good) and not notes
     for n, k in ((6, 3), (5, 4)):                     # another training-set size, another class count
-        assert _cached_teacher_logits(path, n, k, notes.append) is None
+        assert _cached_teacher_logits(path, n, k, key, notes.append) is None
     assert len(notes) == 2 and "shape (5, 3)" in notes[0] and "6 images of 3 classes" in notes[0]
+    # the same shape computed for another teacher or training set (or a bare tensor of an older version)
+    assert _cached_teacher_logits(path, 5, 3, "k2", notes.append) is None and "another teacher" in notes[-1]
+    torch.save(good, path)
+    assert _cached_teacher_logits(path, 5, 3, key, notes.append) is None
+    # the key tells apart what the shape cannot: another teacher; a subset of the same size drawn with another seed
+    cfg = tiny_config("data.max_train_samples=100", "distill.kind=hard", "distill.teacher=a.safetensors")
+    b0 = build_data(cfg.data, cfg.aug, train=True, seed=0)
+    b1 = build_data(cfg.data, cfg.aug, train=True, seed=1)
+    assert len(b0.train) == len(b1.train) == 100
+    k0 = _teacher_cache_key(cfg, b0.train)
+    assert k0 == _teacher_cache_key(cfg, b0.train) and k0 != _teacher_cache_key(cfg, b1.train)
+    cfg.distill.teacher = "b.safetensors"
+    assert _teacher_cache_key(cfg, b0.train) != k0
 
 
 def test_fine_tuning_warns_when_the_pretrained_weights_expect_other_normalisation(tmp_path):
@@ -170,3 +185,15 @@ def test_fine_tuning_warns_when_the_pretrained_weights_expect_other_normalisatio
     train(tiny_config(f"model.pretrained={other}", "run.max_steps_per_epoch=1", "schedule.epochs=1",
                       "data.mean=[0.5]", "data.std=[0.25]"), tmp_path / "run2", log_fn=lines.append)
     assert not [ln for ln in lines if ln.startswith("warning: model.pretrained")], lines
+
+
+def test_a_non_finite_loss_on_another_rank_is_not_reported_with_this_ranks_finite_value(tmp_path, monkeypatch):
+    import repvit.train.loop as loop
+    from repvit.train.dist import DistInfo
+    monkeypatch.setattr(loop, "all_reduce_sum", lambda t: t.add_(1.0))      # another rank saw a NaN
+    di = DistInfo(rank=0, world_size=2)
+    with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss \(on another rank\) at epoch 1, update 5"):
+        loop._check_finite(torch.tensor(2.3026), di, 0, 4, 9, tmp_path, torch.device("cpu"))
+    monkeypatch.setattr(loop, "all_reduce_sum", lambda t: t)
+    with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss \(nan\)"):
+        loop._check_finite(torch.tensor(float("nan")), di, 0, 4, 9, tmp_path, torch.device("cpu"))

@@ -156,7 +156,7 @@ def test_student_distils_from_a_checkpoint_teacher(tmp_path, monkeypatch, teache
             bundle = build_data(cfg.data, cfg.aug, train=True, seed=cfg.run.seed, num_classes=None)
             images = torch.stack([bundle.train[i][0] for i in range(len(bundle.train))])
             want_logits = refs["best.safetensors"](images)
-            logits = torch.load(student / "teacher_logits.pt", weights_only=True)
+            logits = torch.load(student / "teacher_logits.pt", weights_only=True)["logits"]
             assert logits.shape == (1438, 10) and torch.isfinite(logits).all()
             torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
             for (t, _), (y, extra, y_mixed, extra_mixed), idx in zip(spies.loss_calls, spies.mixes, spies.indices):

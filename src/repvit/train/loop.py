@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -114,17 +115,38 @@ class _Indexed(torch.utils.data.Dataset):
             return [self._get(k) for k in keys]
 
 
-def _cached_teacher_logits(path: Path, n: int, num_classes: int, log: Callable[[str], None]) -> torch.Tensor | None:
-    """The teacher logits cached at ``path`` when they fit the training set (``n`` x ``num_classes``), else None.
+def _teacher_cache_key(cfg: TrainConfig, train_set: Any) -> str:
+    """What the cached teacher logits depend on: the teacher, and which images in which order and preprocessing
+    (a subset drawn with another seed has the same size but other images)."""
+    indices = getattr(train_set, "indices", None)
+    what = {"teacher": cfg.distill.teacher, "teacher_checkpoint": cfg.distill.teacher_checkpoint,
+            "dataset": str(cfg.data.dataset), "format": cfg.data.format, "split": cfg.data.train_split,
+            "img_size": cfg.data.img_size, "eval_crop": cfg.data.eval_crop, "interpolation": cfg.data.interpolation,
+            "mean": list(cfg.data.mean or []), "std": list(cfg.data.std or []), "n": len(train_set),
+            "indices": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
+            if indices is not None else None}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
-    They are indexed by sample: a cache of another training set (another data.max_train_samples, another dataset
-    in a reused run directory) would hand each image another image's targets, so it is recomputed."""
+
+def _cached_teacher_logits(path: Path, n: int, num_classes: int, key: str,
+                           log: Callable[[str], None]) -> torch.Tensor | None:
+    """The teacher logits cached at ``path`` when they were computed for ``key`` (:func:`_teacher_cache_key`) and
+    fit the training set (``n`` x ``num_classes``), else None.
+
+    They are indexed by sample: a cache of another teacher or training set (a run directory reused after a run
+    that died before its first checkpoint, another data.max_train_samples or seed) would hand each image other
+    targets, so it is recomputed."""
     if not path.exists():
         return None
     try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - an unreadable cache is recomputed, like a stale one
         log(f"note: cannot read {path} ({e}); recomputing the teacher logits")
+        return None
+    cached = saved.get("logits") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        log(f"note: {path} was computed for another teacher or training set (or by an older version); "
+            "recomputing the teacher logits")
         return None
     if not isinstance(cached, torch.Tensor) or tuple(cached.shape) != (n, num_classes):
         what = f"shape {tuple(cached.shape)}" if isinstance(cached, torch.Tensor) else type(cached).__name__
@@ -435,13 +457,14 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     cached = None
     if distill and cfg.distill.precompute:
         cache = run_dir / "teacher_logits.pt"
-        cached = _cached_teacher_logits(cache, len(bundle.train), num_classes, log)
+        key = _teacher_cache_key(cfg, bundle.train)
+        cached = _cached_teacher_logits(cache, len(bundle.train), num_classes, key, log)
         if cached is None:
             log("precomputing teacher logits on the un-augmented training set ...")
             cached = precompute_teacher_logits(teacher, _eval_view(bundle.train, bundle, cfg),
                                                batch_size=cfg.run.batch_size, device=device, collate=bundle.collate)
             if di.is_main:
-                atomic_torch_save(cached, cache)
+                atomic_torch_save({"logits": cached, "key": key}, cache)
         cached = teacher_targets(cached, cfg.distill.kind, cfg.distill.tau)
 
     mixup_on = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
@@ -923,5 +946,6 @@ def _check_finite(loss: torch.Tensor | None, di: DistInfo, epoch: int, step: int
         all_reduce_sum(bad)
     if bad.item() > 0:
         raise NonFiniteLossError(
-            f"non-finite loss ({loss.item() if loss is not None else 'on another rank'}) at epoch {epoch + 1}, update {step + 1} (micro-batch {micro}); "
+            f"non-finite loss ({loss.item() if loss is not None and not ok else 'on another rank'}) at epoch "
+            f"{epoch + 1}, update {step + 1} (micro-batch {micro}); "
             f"{_stop_advice(run_dir)}")
