@@ -543,9 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
     out = Path(args.out_dir)
-    if (out / "int8_accuracy.json").exists() and not args.overwrite:
-        ap.error(f"{out / 'int8_accuracy.json'} exists (committed results by default): pass another --out-dir, "
-                 "or --overwrite")
+    target = out / ("int8_speed_by_size.json" if args.speed_sizes else "int8_accuracy.json")   # what this mode writes
+    if target.exists() and not args.overwrite:
+        ap.error(f"{target} exists (committed results by default): pass another --out-dir, or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     res = {"variant": args.variant, "img": args.img, "threads": args.threads, "repeats": args.repeats,
            "machine": _machine(),

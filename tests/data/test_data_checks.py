@@ -144,6 +144,16 @@ def test_eval_of_integer_labelled_data_whose_split_lacks_the_top_class(tmp_path)
     assert res["results"][0]["n"] == 2
     one = repvit.create_model("repvit_m0_6", num_classes=1)          # a label the model cannot predict: refused
     repvit.save_checkpoint(one.eval(), tmp_path / "one.safetensors")
-    with pytest.raises(ValueError, match=r"labels outside 0..0 \(e.g. 1\)"):
+    with pytest.raises(ValueError, match=r"predicts 1 classes but .* has 2"):
         evaluate_checkpoint(str(tmp_path / "one.safetensors"), data=str(root), split="validation", img_size=32,
                             num_workers=0)
+    # a declared class count must match the model's: a 1000-class model is not scored on 3-class data
+    (root / "_info.json").write_text(json.dumps({"num_classes": 3, "splits": {"validation": {
+        "filenames": sorted(p.name for p in root.glob("*validation-*.tar"))}}}))
+    big = repvit.create_model("repvit_m0_6", num_classes=1000)
+    repvit.save_checkpoint(big.eval(), tmp_path / "big.safetensors")
+    with pytest.raises(ValueError, match=r"predicts 1000 classes but .* has 3"):
+        evaluate_checkpoint(str(tmp_path / "big.safetensors"), data=str(root), split="validation", img_size=32,
+                            num_workers=0)
+    assert evaluate_checkpoint(str(ckpt), data=str(root), split="validation", img_size=32,
+                               num_workers=0)["results"][0]["n"] == 2

@@ -313,3 +313,9 @@ def test_sidecar_says_which_weights_of_a_training_checkpoint(m32, tmp_path):
         assert json.loads(sidecar_path(out).read_text())["weights"] == want
     export_torchscript(load_source("repvit_m0_6", num_classes=10), tmp_path / "r.pt")
     assert json.loads(sidecar_path(tmp_path / "r.pt").read_text())["weights"] == "random"
+
+
+def test_sidecar_weights_of_a_runs_best_file_follow_its_record(m32, tmp_path):
+    ck = tmp_path / "best.safetensors"
+    repvit.save_checkpoint(m32, ck, metadata={"train_best": {"epoch": 3, "top1": 90.0, "source": "ema"}})
+    assert load_source(str(ck))._export_weights == "ema"

@@ -210,6 +210,10 @@ def test_out_of_range_values_name_the_key_and_the_range(override, message):
         apply_overrides(TrainConfig(), [override])
 
 
+def test_lookahead_optimizers_are_accepted():
+    assert apply_overrides(TrainConfig(), ["optim.opt=lookahead_adamw"]).optim.opt == "lookahead_adamw"
+
+
 def test_range_limits_themselves_are_accepted():
     cfg = apply_overrides(TrainConfig(), [
         "run.global_batch=null", "run.global_batch=256", "optim.lr_base_batch=1", "run.max_steps_per_epoch=1",

@@ -53,6 +53,9 @@ class DataBundle:
     crop_pct: float
     name: str
     notes: list[str] = field(default_factory=list)
+    # the class count was counted from the labels present (integer labels, nothing declares it): a split lacking
+    # the highest class counts fewer classes than the model it belongs to
+    classes_inferred: bool = False
     collate: Callable = skip_none_collate
 
     @property
@@ -245,6 +248,12 @@ def _check_split_classes(src: str, n_val: int, n_train: int | None, given: int |
                          f"up to {n_train - 1}; set model.num_classes (or num_classes in the info file)")
 
 
+def _split_shards_named(root: Path, split: str) -> list[Path]:
+    """Shards named by split, the split as a whole word (``val`` is not ``trainval``), as wds.py finds them."""
+    from .wds import shards_named
+    return shards_named(root, split)
+
+
 def _is_wds_info(path: Path) -> bool:
     """``info.json`` is a common name: it marks a webdataset only when it describes splits (a class-folder dataset
     may carry an info.json of its own)."""
@@ -261,7 +270,7 @@ def _detect_format(root: Path, splits: tuple[str, ...]) -> str:
     if root.suffix == ".tar" or any((root / f"{s}.tar").exists() for s in splits):
         return "tar"
     if ((root / "_info.json").is_file() or _is_wds_info(root / "info.json")
-            or any(any(root.glob(f"*{s}-*.tar")) or any(root.glob(f"{s}/*.tar")) for s in splits)):
+            or any(any(_split_shards_named(root, s)) or any(root.glob(f"{s}/*.tar")) for s in splits)):
         return "wds"                 # with an info file, or shards named by split (as wds.py finds them)
     if ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
             or any((root / s / "state.json").is_file() for s in splits)):
@@ -269,25 +278,23 @@ def _detect_format(root: Path, splits: tuple[str, ...]) -> str:
     return "folder"
 
 
-def _check_labels_fit(bundle: DataBundle, num_classes: int, src: str, num_classes_from: str) -> None:
+def _check_labels_fit(bundle: DataBundle, num_classes: int, src: str) -> None:
     """Every label must be a valid output index of a ``num_classes``-way model: a larger one would fail deep in the
     loss (or as a CUDA device assert) at the first batch that holds it."""
     for split, ds in (("training", bundle.train), ("validation", bundle.val)):
         targets = getattr(ds, "targets", None) if ds is not None else None
         top = max(targets) if targets is not None and len(targets) else -1
         if top >= num_classes:
-            fix = (f"set it to at least {top + 1}, or leave it unset to take the data's class count"
-                   if num_classes_from == "model.num_classes" else "use data with the model's classes")
             raise ValueError(f"the {split} split of {src!r} has labels up to {top} ({top + 1} classes) but "
-                             f"{num_classes_from} is {num_classes}; {fix}")
+                             f"model.num_classes is {num_classes}; set it to at least {top + 1}, or leave it unset "
+                             "to take the data's class count")
 
 
 def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_classes: int | None = None,
-               fallback: bool = True, num_classes_from: str = "model.num_classes") -> DataBundle:
+               fallback: bool = True) -> DataBundle:
     """Validate and build the datasets described by ``data`` (a DataConfig) and ``aug`` (an AugConfig).
 
-    ``num_classes``: the model's class count, when fixed; every label must fit it (``num_classes_from`` names it in
-    the error). ``fallback=False`` (evaluation): a missing Fashion-MNIST is an error instead of the digits stand-in."""
+    ``num_classes``: the model's class count, when fixed; every label must fit it. ``fallback=False`` (evaluation): a missing Fashion-MNIST is an error instead of the digits stand-in."""
     src = os.path.expanduser(str(data.dataset))    # "~/data/imagenet" from a YAML recipe or --data
     b = builtin_name(src)
     if b is not None and not Path(src).exists():
@@ -406,10 +413,12 @@ def build_data(data: Any, aug: Any, *, train: bool = True, seed: int = 0, num_cl
             if not n_cls:
                 raise ValueError(f"cannot tell the number of classes of {src!r}; set model.num_classes")
         bundle = DataBundle(tr, va, n_cls, 3, data.img_size, mean, std, data.interpolation, crop_pct, src)
+        bundle.classes_inferred = not num_classes and all(
+            getattr(d, "classes_inferred", False) for d in (tr, va) if d is not None)
         if fmt == "hfds":
             bundle.notes.extend(hf_notes)
     if num_classes:
-        _check_labels_fit(bundle, num_classes, src, num_classes_from)
+        _check_labels_fit(bundle, num_classes, src)
     if train and bundle.train is not None:
         bundle.train = _subset(bundle.train, data.max_train_samples, seed)
     bundle.val = _subset(bundle.val, data.max_val_samples, seed + 1)

@@ -170,6 +170,7 @@ class HFImageDataset(Dataset):
             self.classes = list(feat.names)
         else:
             self.classes = [str(i) for i in range(num_classes or max(self.targets) + 1)]
+        self.classes_inferred = not self.named_classes and not num_classes   # counted from the labels present
         bad = [t for t in self.targets if not 0 <= t < len(self.classes)]
         if bad:
             if -1 in bad:

@@ -134,9 +134,7 @@ def wds_split_shards(root: Path, split: str, info: dict) -> tuple[list[Path], in
                                  f"sample count of each shard")
             declared = sum(_count(n, f"shard_lengths[{i}]", where) for i, n in enumerate(lengths))
     else:
-        # the split name as a whole word of the file name: "val" must not pick up "trainval-0000.tar"
-        named = [p for p in root.glob(f"*{split}-*.tar") if re.search(rf"(^|[-_.]){re.escape(split)}-", p.name)]
-        shards = sorted(set(named) | set(root.glob(f"{split}/*.tar")))
+        shards = sorted(set(shards_named(root, split)) | set(root.glob(f"{split}/*.tar")))
         if not shards:
             tars = sorted(p.name for p in root.glob("*.tar"))[:5]
             raise FileNotFoundError(
@@ -149,6 +147,12 @@ def wds_split_shards(root: Path, split: str, info: dict) -> tuple[list[Path], in
         raise FileNotFoundError(f"webdataset {root}: {len(missing)} shard(s) of split {split!r} are missing: "
                                 f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     return shards, declared
+
+
+def shards_named(root: Path, split: str) -> list[Path]:
+    """``ROOT/*<split>-*.tar`` with the split name as a whole word of the file name ("val" must not pick up
+    "trainval-0000.tar")."""
+    return [p for p in root.glob(f"*{split}-*.tar") if re.search(rf"(^|[-_.]){re.escape(split)}-", p.name)]
 
 
 def _key_ext(name: str) -> tuple[str, str]:
@@ -234,6 +238,7 @@ class WdsDataset(Dataset):
                              f"but its shards hold {len(self.samples)}; fix num_samples/shard_lengths or the shards")
         n_cls = num_classes or info_n or (len(info_classes) if info_classes else None)
         self.num_classes = int(n_cls) if n_cls else max(self.targets) + 1
+        self.classes_inferred = not n_cls       # counted from the labels present (no declared class count)
         bad = [t for t in self.targets if not 0 <= t < self.num_classes]
         if bad:
             raise ValueError(f"webdataset {self.root}: split {split!r} has labels outside 0..{self.num_classes - 1} "

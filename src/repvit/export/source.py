@@ -69,7 +69,10 @@ def load_source(
         m = create_model(canonical_name(variant), checkpoint=path, use_ema=use_ema)
         m._export_source = path.name
         m._export_source_form = ck.info.form
-        m._export_weights = "ema" if ck.used_ema else "raw"
+        # a training checkpoint's EMA copy; else what the file records (a run's best file: the raw or EMA weights of
+        # its best epoch); else its only (raw) weights
+        best = ck.metadata.get("train_best")
+        m._export_weights = "ema" if ck.used_ema else (best.get("source") if isinstance(best, dict) else None) or "raw"
     elif path.is_dir():
         raise ValueError(f"{src} is a directory; pass a checkpoint file inside it (e.g. {src}/best.safetensors) "
                          "or a variant name")

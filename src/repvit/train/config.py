@@ -163,8 +163,9 @@ class TrainConfig:
             from timm.optim import list_optimizers
         except ImportError:                 # older timm: the optimizer factory reports an unknown name itself
             list_optimizers = None
-        if list_optimizers is not None and self.optim.opt.lower() not in list_optimizers():
-            close = difflib.get_close_matches(self.optim.opt.lower(), list_optimizers(), n=3)
+        base_opt = self.optim.opt.lower().removeprefix("lookahead_")   # timm wraps any optimizer in Lookahead
+        if list_optimizers is not None and base_opt not in list_optimizers():
+            close = difflib.get_close_matches(base_opt, list_optimizers(), n=3)
             raise ValueError(f"optim.opt={self.optim.opt!r} is not a timm optimizer"
                              f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}")
         for name, v in (("data.mean", self.data.mean), ("data.std", self.data.std)):

@@ -259,11 +259,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
                       std=tuple(pre["std"]) if pre.get("std") else None,
                       interpolation=pre.get("interpolation", "bicubic"), download_dir=download_dir)
     try:
-        # the model's class count: integer-labelled data (wds, hfds) whose val split lacks the top class would
-        # otherwise count fewer classes than the model has; named-class data keeps its own count (checked below)
-        bundle = build_data(dcfg, AugConfig(), train=False, fallback=False,
-                            num_classes=getattr(models[0][1], "num_classes", None),
-                            num_classes_from="the checkpoint's class count")
+        bundle = build_data(dcfg, AugConfig(), train=False, fallback=False)
     except FileNotFoundError as e:
         if builtin_name(data) == "fashion-mnist" and not Path(data).exists():
             raise FileNotFoundError(f"cannot evaluate on Fashion-MNIST: {e} (repvit eval --download-dir DIR; "
@@ -279,7 +275,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
             "with RGB images" if bundle.in_chans == 1 else
             f"evaluate it on data like it was trained on{' (a built-in such as fashion-mnist)' if chans == 1 else ''}"
             f", or train or fine-tune a {bundle.in_chans}-channel model on this data (repvit train --data ...)"))
-        if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
+        n_model = getattr(model, "num_classes", bundle.num_classes)
+        # integer labels without a declared class count (wds, hfds) count only the classes present: a split
+        # lacking the highest class fits a model with more outputs; any declared count must match
+        if n_model != bundle.num_classes and not (bundle.classes_inferred and n_model > bundle.num_classes):
             raise ValueError(f"{who} predicts {model.num_classes} classes but {data} has "
                              f"{bundle.num_classes}")
         m = reparameterize(model) if form == "deploy" and not getattr(model, "deploy", False) else model

@@ -119,7 +119,13 @@ def _teacher_cache_key(cfg: TrainConfig, train_set: Any) -> str:
     """What the cached teacher logits depend on: the teacher, and which images in which order and preprocessing
     (a subset drawn with another seed has the same size but other images)."""
     indices = getattr(train_set, "indices", None)
+
+    def stamp(name: str | None) -> Any:        # a teacher file rewritten in place (a run that kept training)
+        p = Path(name) / "last.pt" if name and Path(name).is_dir() else Path(name) if name else None
+        return [p.stat().st_size, p.stat().st_mtime_ns] if p is not None and p.is_file() else None
+    teachers = [t.strip() for t in str(cfg.distill.teacher).split(",")]
     what = {"teacher": cfg.distill.teacher, "teacher_checkpoint": cfg.distill.teacher_checkpoint,
+            "teacher_files": [stamp(t) for t in teachers] + [stamp(cfg.distill.teacher_checkpoint)],
             "dataset": str(cfg.data.dataset), "format": cfg.data.format, "split": cfg.data.train_split,
             "img_size": cfg.data.img_size, "eval_crop": cfg.data.eval_crop, "interpolation": cfg.data.interpolation,
             "mean": list(cfg.data.mean or []), "std": list(cfg.data.std or []), "n": len(train_set),
