@@ -285,3 +285,24 @@ def test_every_row_timing_the_fp32_onnx_file_names_its_exporter(tmp_path: Path):
     assert "exporter" not in facts["onnxruntime_int8"]          # its file is the quantizer's (see its note)
     assert facts["onnxruntime"]["exporter"].startswith("repvit.export")
     assert facts["onnxruntime_nchwc"]["exporter"].endswith("ort_layout")
+
+
+def test_a_runtime_failing_on_its_first_inference_is_that_rows_error(monkeypatch):
+    """The runners are called once when prepared: a runtime that fails on its first call marks its row, and the
+    other rows are still timed (it used to crash the interleaved loop for every row)."""
+    import repvit.bench.harness as harness
+    real = harness.prepare
+
+    def flaky(rt, *a, **k):
+        fn, facts = real(rt, *a, **k)
+        if rt == "eager_cl":
+            def boom():
+                raise RuntimeError("kernel not supported on this CPU")
+            return boom, facts
+        return fn, facts
+    monkeypatch.setattr(harness, "prepare", flaky)
+    res = run_bench(["repvit_m0_6"], ["eager", "eager_cl"], threads=1, input_size=64, warmup=0, iters=1, rounds=1,
+                    peak=False, log=lambda s: None)
+    rows = {r["runtime"]: r for r in res["results"]}
+    assert rows["eager_cl"]["status"] == "error" and "kernel not supported" in rows["eager_cl"]["reason"]
+    assert rows["eager"]["status"] == "ok" and "latency_ms" in rows["eager"]

@@ -73,7 +73,8 @@ def _measure_group(
             try:
                 fn, facts = prepare(rt, model, example, workdir, threads, tag=tag)
                 row.update(facts)
-                runners[f"{e.key}|{rt}"] = fn
+                fn()        # one call now: a runtime that fails on its first inference is this row's error,
+                runners[f"{e.key}|{rt}"] = fn   # not a crash of the interleaved timing of every other row
             except RuntimeUnavailable as ex:
                 row.update(status="unavailable", reason=str(ex))
             except Exception as ex:
