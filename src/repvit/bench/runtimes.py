@@ -171,11 +171,13 @@ def prepare(runtime: str, model: nn.Module, example: torch.Tensor, workdir: Path
         return _torch_runner(m, example.to(torch.bfloat16)), facts
     if runtime == "compile":
         import torch._inductor.config as icfg
-        icfg.freezing = True  # fold weights into the graph / pre-pack them (inference only)
         m = torch.compile(model, dynamic=False)
         run = _torch_runner(m, example)
         try:
-            run()  # compile now, so a failure is reported as "unavailable" not mid-timing
+            # compile now (a failure is "unavailable", not a mid-timing crash), with weights folded into the graph /
+            # pre-packed (inference only); the process-wide flag is restored afterwards
+            with icfg.patch(freezing=True):
+                run()
         except Exception as e:
             raise RuntimeUnavailable(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}") from e
         return run, facts
