@@ -160,9 +160,6 @@ def _roadmap(args: argparse.Namespace) -> int:
     from .report import plot_roadmap, roadmap_markdown
     from .roadmap import run_roadmap
     _check_outputs(args)
-    if args.iters < 1 or args.rounds < 1 or args.warmup < 0:
-        raise ValueError(f"need --iters >= 1, --rounds >= 1 and --warmup >= 0; got {args.iters}, {args.rounds}, "
-                         f"{args.warmup}")
     steps, meta = run_roadmap(runtime=args.runtime, threads=args.threads, input_size=args.input_size,
                               warmup=args.warmup, iters=args.iters, rounds=args.rounds, measure=not args.no_measure)
     plot = None if args.no_measure else (lambda png: plot_roadmap(steps, png))

@@ -32,7 +32,7 @@ import torch
 from .machine import machine_info, matmul_candidates, peak_from_stats, pin_threads
 from .peers import ModelEntry, build_fused, model_macs, resolve_models
 from .runtimes import DEFAULT_RUNTIMES, RuntimeUnavailable, check_runtimes, prepare
-from .timing import measure_interleaved, paired_ratio
+from .timing import check_counts, measure_interleaved, paired_ratio
 
 __all__ = ["run_bench", "SCHEMA"]
 
@@ -179,8 +179,7 @@ def run_bench(
     if input_size < 32 or downstream_size < 32:
         raise ValueError("input sizes must be >= 32 pixels (RepViT downsamples by 32)")
     # everything the run will need is checked before anything is prepared or timed (which can take minutes)
-    if iters < 1 or rounds < 1 or warmup < 0:
-        raise ValueError(f"need --iters >= 1, --rounds >= 1 and --warmup >= 0; got {iters}, {rounds}, {warmup}")
+    check_counts(warmup=warmup, iters=iters, rounds=rounds)
     if not downstream and (downstream_models or downstream_runtimes):
         raise ValueError("--downstream-models / --downstream-runtimes apply to the downstream backbones: add "
                          "--downstream (or drop them)")

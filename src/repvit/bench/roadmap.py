@@ -14,7 +14,7 @@ from ..reparam import reparameterize
 from ..utils.complexity import count_macs, count_params
 from .machine import machine_info, pin_threads
 from .runtimes import RuntimeUnavailable, check_runtimes, prepare
-from .timing import measure_interleaved
+from .timing import check_counts, measure_interleaved
 
 __all__ = ["run_roadmap"]
 
@@ -27,6 +27,7 @@ def run_roadmap(
     latency_ms (median) / latency_p90_ms / latency (full stats), published_latency_ms (iPhone 12),
     published_top1, config. ``measure=False`` skips timing (latency fields are None)."""
     check_runtimes([runtime])
+    check_counts(warmup=warmup, iters=iters, rounds=rounds)
     if input_size < 32:
         raise ValueError("input_size must be >= 32 pixels")
     with pin_threads(threads) as pinned:

@@ -34,6 +34,12 @@ def latency_stats(samples_s: list[float], round_medians_s: list[float] | None = 
     return out
 
 
+def check_counts(*, warmup: int, iters: int, rounds: int) -> None:
+    """The run's timing counts, checked before anything is prepared (preparing runtimes can take minutes)."""
+    if iters < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need --iters >= 1, --rounds >= 1 and --warmup >= 0; got {iters}, {rounds}, {warmup}")
+
+
 def measure_interleaved(
     candidates: Mapping[str, Callable[[], object]], *, warmup: int = 10, iters: int = 10, rounds: int = 5,
     rewarm: int = 2, clock: Callable[[], float] = time.perf_counter,
@@ -46,8 +52,9 @@ def measure_interleaved(
     ``iters`` timed ones. ``overrides`` maps a name to its own ``(iters, rewarm)`` (for
     expensive reference candidates such as the matmul peak).
     """
-    if iters < 1 or rounds < 1 or warmup < 0 or rewarm < 0:
-        raise ValueError("need iters >= 1, rounds >= 1, warmup >= 0, rewarm >= 0")
+    check_counts(warmup=warmup, iters=iters, rounds=rounds)
+    if rewarm < 0:
+        raise ValueError(f"need rewarm >= 0, got {rewarm}")
     for fn in candidates.values():
         for _ in range(warmup):
             fn()

@@ -28,6 +28,7 @@ from .folder import SafeImageFolder, find_split_dir, skip_none_collate, validate
 from .images import to_mode
 from .sampler import GlobalBatchSampler, preserved_rng, seed_sample, shard_range
 from .transforms import CROP_PCT, eval_transform, preprocessing_dict, train_transform
+from .wds import shards_named
 
 __all__ = ["DataBundle", "build_data", "BUILTIN_DATASETS", "DATA_FORMATS", "FASHION_MNIST_DIR",
            "GlobalBatchSampler", "preserved_rng", "seed_sample", "shard_range", "skip_none_collate", "validate_image_folder", "SafeImageFolder",
@@ -248,12 +249,6 @@ def _check_split_classes(src: str, n_val: int, n_train: int | None, given: int |
                          f"up to {n_train - 1}; set model.num_classes (or num_classes in the info file)")
 
 
-def _split_shards_named(root: Path, split: str) -> list[Path]:
-    """Shards named by split, the split as a whole word (``val`` is not ``trainval``), as wds.py finds them."""
-    from .wds import shards_named
-    return shards_named(root, split)
-
-
 def _is_wds_info(path: Path) -> bool:
     """``info.json`` is a common name: it marks a webdataset only when it describes splits (a class-folder dataset
     may carry an info.json of its own)."""
@@ -270,7 +265,7 @@ def _detect_format(root: Path, splits: tuple[str, ...]) -> str:
     if root.suffix == ".tar" or any((root / f"{s}.tar").exists() for s in splits):
         return "tar"
     if ((root / "_info.json").is_file() or _is_wds_info(root / "info.json")
-            or any(any(_split_shards_named(root, s)) or any(root.glob(f"{s}/*.tar")) for s in splits)):
+            or any(any(shards_named(root, s)) or any(root.glob(f"{s}/*.tar")) for s in splits)):
         return "wds"                 # with an info file, or shards named by split (as wds.py finds them)
     if ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
             or any((root / s / "state.json").is_file() for s in splits)):

@@ -145,8 +145,6 @@ def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_cha
     import repvit
     from repvit.models import list_models
 
-    from .builder import model_from_file
-
     if "," in name:
         # "a.safetensors,b.safetensors": an ensemble of teachers (each any of the forms below, its own weights)
         if checkpoint:
@@ -159,14 +157,11 @@ def build_teacher(name: str, checkpoint: str | None, *, num_classes: int, in_cha
 
     # The teacher's classifier is what it teaches: never ask for num_classes while loading its weights (that
     # would put a random head on a pretrained teacher, silently); load it as it is and compare below.
-    if Path(name).is_dir() or Path(name).suffix == ".pt" and Path(name).is_file():
-        # a run directory or a training state (last.pt, checkpoint-epochNNNN.pt): its EMA weights when it holds
-        # them, as `repvit eval` scores it (and as an eval ensemble of the same files predicts); other .pt files
-        # (official / timm weights) load as plain weights
+    if Path(name).exists():
+        # any checkpoint file, or a run directory / training state (last.pt): the model `repvit eval` scores for it
+        # (a run's EMA weights when it holds them), so an eval ensemble of the same files predicts what it teaches
         from .evaluate import load_eval_model
         model = load_eval_model(Path(name))[1]
-    elif Path(name).is_file():
-        model = model_from_file(name)
     elif name.lower().replace("-", "_").replace(".", "_") in list_models():
         model = repvit.create_model(name, checkpoint=checkpoint, in_chans=in_chans) if checkpoint \
             else repvit.create_model(name, pretrained=True)

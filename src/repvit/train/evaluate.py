@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from repvit.data import build_data, builtin_name, check_channels, shard_range, skip_none_collate
+from repvit.data import CROP_PCT, build_data, builtin_name, check_channels, shard_range, skip_none_collate
 
 from .dist import all_reduce_sum
 
@@ -201,7 +201,6 @@ def model_in_chans(model: nn.Module) -> int | None:
 
 def _recorded_crop(pre: dict) -> str | None:
     """The eval_crop name ("official"/"timm") of a checkpoint's recorded crop_pct, None when it records another."""
-    from repvit.data import CROP_PCT
     crop = pre.get("crop_pct")
     return next((k for k, v in CROP_PCT.items() if crop is not None and abs(float(crop) - v) < 1e-6), None)
 

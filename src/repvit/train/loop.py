@@ -59,6 +59,7 @@ from .distill import (
     DistillationLoss,
     build_teacher,
     precompute_teacher_logits,
+    split_comma_list,
     teacher_input_mismatch,
     teacher_targets,
 )
@@ -123,7 +124,7 @@ def _teacher_cache_key(cfg: TrainConfig, train_set: Any) -> str:
     def stamp(name: str | None) -> Any:        # a teacher file rewritten in place (a run that kept training)
         p = Path(name) / "last.pt" if name and Path(name).is_dir() else Path(name) if name else None
         return [p.stat().st_size, p.stat().st_mtime_ns] if p is not None and p.is_file() else None
-    teachers = [t.strip() for t in str(cfg.distill.teacher).split(",")]
+    teachers = split_comma_list(cfg.distill.teacher, "distill.teacher")
     what = {"teacher": cfg.distill.teacher, "teacher_checkpoint": cfg.distill.teacher_checkpoint,
             "teacher_files": [stamp(t) for t in teachers] + [stamp(cfg.distill.teacher_checkpoint)],
             "dataset": str(cfg.data.dataset), "format": cfg.data.format, "split": cfg.data.train_split,
