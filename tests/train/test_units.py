@@ -120,7 +120,8 @@ def test_teacher_keeps_its_trained_classifier_or_refuses(tmp_path):
     src = repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1)
     repvit.save_checkpoint(src, tmp_path / "t10.safetensors")
     t = build_teacher("repvit_m0_6", str(tmp_path / "t10.safetensors"), num_classes=10, in_chans=1)
-    assert torch.equal(t.model.head.head.l.weight, src.head.head.l.weight)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(t(x), src.eval()(x), atol=1e-5)       # the saved head (folded into the deploy form)
     with pytest.raises(ValueError, match="predicts 10 classes but the data has 7"):
         build_teacher("RepViT-M0.6", str(tmp_path / "t10.safetensors"), num_classes=7, in_chans=1)
     timm = pytest.importorskip("timm")
@@ -220,6 +221,35 @@ def test_reparam_ablation_removes_branches_but_keeps_the_deploy_architecture():
     # same network after fusing: identical parameter shapes
     fa, fb = reparameterize(full), reparameterize(off.eval())
     assert {k: v.shape for k, v in fa.state_dict().items()} == {k: v.shape for k, v in fb.state_dict().items()}
+
+
+def test_teachers_run_in_their_fused_form_with_the_same_function(tmp_path):
+    """A frozen teacher only runs in eval mode, so it runs folded: a RepViT checkpoint as its deploy form (no
+    BatchNorm, no branch left), a timm model with re-parameterisable blocks through timm's own fold; the outputs
+    are those of the model as trained (in eval mode)."""
+    import repvit
+    from repvit.reparam import is_deploy_form
+    from repvit.train.distill import build_teacher
+    torch.manual_seed(0)
+    src = repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1, distillation=True)
+    for m in src.modules():                    # non-trivial BatchNorm statistics, so an un-folded one would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    repvit.save_checkpoint(src, tmp_path / "t.safetensors")
+    t = build_teacher(str(tmp_path / "t.safetensors"), None, num_classes=10, in_chans=1)
+    assert is_deploy_form(t.model) and not is_deploy_form(src)
+    x = torch.randn(3, 1, 48, 48)
+    assert torch.allclose(t(x), src.eval()(x), atol=1e-4)     # the eval output (mean of the heads), as before
+    timm = pytest.importorskip("timm")
+    tm = timm.create_model("mobileone_s0", num_classes=10, in_chans=1).eval()
+    torch.save(tm.state_dict(), tmp_path / "mobileone.pth")
+    t = build_teacher("mobileone_s0", str(tmp_path / "mobileone.pth"), num_classes=10, in_chans=1)
+    n_bn = lambda m: sum(isinstance(b, nn.BatchNorm2d) for b in m.modules())   # noqa: E731
+    assert n_bn(t.model) < n_bn(tm) // 4
+    with torch.no_grad():
+        want = tm(x)                                           # a random MobileOne's logits run to ~1e14
+    assert torch.allclose(t(x), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
 def test_teacher_ensemble_predicts_the_mean_probability():
