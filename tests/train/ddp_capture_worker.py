@@ -2,8 +2,9 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 ddp_capture_worker.py OUT_DIR key=value ...``
 trains ``tiny_config(key=value ...)`` into OUT_DIR and writes ``OUT_DIR/params_rank{R}.pt`` on every
-rank (the run itself only saves rank 0's state), so a test can check that the ranks stayed in sync, and
-``OUT_DIR/grads_rank{R}.pt``: the (already all-reduced) gradients handed to each optimizer step.
+rank (the run itself only saves rank 0's state), so a test can check that the ranks stayed in sync,
+``OUT_DIR/grads_rank{R}.pt``: the (already all-reduced) gradients handed to each optimizer step, and
+``OUT_DIR/buffers_rank{R}.pt``: the buffers (BatchNorm statistics) of the trained model and of its EMA at the end.
 A first argument ``--as-if-sync-bn`` makes the loop take its SyncBatchNorm path (skip a micro-step on all ranks
 when one has no data) on CPU, where PyTorch has no SyncBatchNorm kernel.
 """
@@ -14,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import timm.utils
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,7 +35,17 @@ def _capture(*args, **kwargs):
     return m
 
 
+_emas: list = []
+
+
+class _RecordedEma(timm.utils.ModelEmaV3):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _emas.append(self)
+
+
 def main() -> None:
+    timm.utils.ModelEmaV3 = _RecordedEma       # the loop imports it from timm.utils when it builds the EMA
     args = sys.argv[1:]
     if args[0] == "--as-if-sync-bn":
         loop._has_sync_bn = lambda model: True
@@ -45,6 +57,9 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     torch.save({n: p.detach().clone() for n, p in _built[0].named_parameters()}, out / f"params_rank{rank}.pt")
     torch.save(_grads, out / f"grads_rank{rank}.pt")
+    torch.save({"model": {n: b.clone() for n, b in _built[0].named_buffers()},
+                "ema": {n: b.clone() for n, b in _emas[0].module.named_buffers()} if _emas else None},
+               out / f"buffers_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,32 @@ def test_digits_run_reaches_90_percent_and_writes_everything(tmp_path, capsys):
     assert main(["plot", str(run)]) == 0
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_loss_is_computed_in_float32_under_bf16_autocast(tmp_path, monkeypatch):
+    """Autocast returns bf16 logits; the loss (log_softmax, the batch mean) runs outside its block, so it must get
+    them as float32, as timm and DeiT compute it inside autocast (where log_softmax is a float32 op)."""
+    import repvit.train.loop as loop
+    seen, produced = [], []
+    build_loss, build_student = loop._build_loss, loop.build_student
+
+    def recording_loss(*a, **k):
+        crit = build_loss(*a, **k)
+        real = crit.forward
+
+        def forward(out, *fa, **fk):
+            seen.extend(o.dtype for o in (out if isinstance(out, (tuple, list)) else (out,)))
+            return real(out, *fa, **fk)
+        crit.forward = forward
+        return crit
+
+    def recording_student(*a, **k):
+        m = build_student(*a, **k)
+        m.register_forward_hook(lambda mod, inp, out: produced.append(out.dtype) if mod.training else None)
+        return m
+
+    monkeypatch.setattr(loop, "_build_loss", recording_loss)
+    monkeypatch.setattr(loop, "build_student", recording_student)
+    train(tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=2", "run.amp=bf16"), tmp_path / "run")
+    assert produced and set(produced) == {torch.bfloat16}      # autocast was on
+    assert seen and set(seen) == {torch.float32}

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_sum", "average_gradients", "broadcast_object",
-           "main_rank_first"]
+           "broadcast_tensors", "gather_shards", "main_rank_first"]
 
 
 @dataclass
@@ -49,7 +49,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         # 30 min, not NCCL's 10: the other ranks wait in a barrier while rank 0 downloads pretrained or teacher
         # weights into the shared cache (main_rank_first); a large teacher on a slow link can take that long
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=timedelta(minutes=30))
+        # device_id binds NCCL to this rank's GPU (a barrier before any collective would otherwise guess the GPU)
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=timedelta(minutes=30),
+                                **({"device_id": dev} if want_cuda else {}))
     return DistInfo(rank, world, local_rank, dev)
 
 
@@ -119,3 +121,32 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def broadcast_tensors(tensors, di: DistInfo) -> None:
+    """Overwrite each tensor, in place, with the main rank's (no-op in a single process)."""
+    if di.distributed and dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.broadcast(t, 0)
+
+
+def gather_shards(local: torch.Tensor, n: int, di: DistInfo, *, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """The ``n`` rows that the ranks computed as contiguous shards (``repvit.data.sampler.shard_range``), in order,
+    on every rank (CPU). Gathered in chunks of about ``chunk_bytes`` per rank through the process group's device
+    (NCCL gathers CUDA tensors only), so a large table never sits on the GPU whole."""
+    if not (di.distributed and dist.is_available() and dist.is_initialized()):
+        return local
+    world = di.world_size
+    per = -(-n // world)
+    padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype)
+    padded[:len(local)] = local                     # the last shards may be short or empty
+    out = torch.empty((world * per, *local.shape[1:]), dtype=local.dtype)
+    row_bytes = max(1, padded[:1].numel() * padded.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    for s in range(0, per, step):
+        piece = padded[s:s + step].to(di.device)
+        parts = [torch.empty_like(piece) for _ in range(world)]
+        dist.all_gather(parts, piece)
+        for r, part in enumerate(parts):
+            out[r * per + s: r * per + s + len(part)] = part.cpu()
+    return out[:n]

@@ -228,14 +228,26 @@ def teacher_input_mismatch(teacher: nn.Module, student_pre: dict) -> str | None:
 
 @torch.no_grad()
 def precompute_teacher_logits(teacher: nn.Module, dataset, *, batch_size: int, device: torch.device,
-                              collate) -> torch.Tensor:
-    """Teacher logits for every sample of ``dataset`` (evaluation transform), indexed by sample."""
-    from torch.utils.data import DataLoader
-    outs = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+                              collate, num_classes: int, di=None, num_workers: int = 0) -> torch.Tensor:
+    """Teacher logits for every sample of ``dataset`` (evaluation transform), indexed by sample.
+
+    With several processes (``di``, a :class:`repvit.train.dist.DistInfo`) each rank runs the teacher over its own
+    contiguous shard and the shards are gathered, so every rank holds the whole table after 1/world of the work
+    (each used to compute all of it)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from repvit.data.sampler import shard_range
+
+    from .dist import gather_shards
+    n = len(dataset)
+    part = Subset(dataset, shard_range(n, di.world_size, di.rank)) if di is not None and di.distributed else dataset
+    outs = [torch.empty(0, num_classes)]            # a rank whose shard is empty still joins the gather
+    for batch in DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
+                            pin_memory=device.type == "cuda"):
         x = batch[0]
         if batch[-1]:
             raise RuntimeError("the training set holds unreadable images; remove them before using "
                                "distill.precompute (cached logits are indexed by sample)")
-        outs.append(teacher(x.to(device)).float().cpu())
-    return torch.cat(outs)
+        outs.append(teacher(x.to(device, non_blocking=True)).float().cpu())
+    local = torch.cat(outs)
+    return gather_shards(local, n, di) if di is not None else local

@@ -54,7 +54,8 @@ from .checkpoint import (
     rotate,
 )
 from .config import TrainConfig, check_resume_overrides, config_from_dict, config_to_dict, dump_yaml
-from .dist import DistInfo, all_reduce_sum, average_gradients, cleanup, init_distributed, main_rank_first
+from .dist import (DistInfo, all_reduce_sum, average_gradients, broadcast_tensors, cleanup, init_distributed,
+                   main_rank_first)
 from .distill import (
     DistillationLoss,
     build_teacher,
@@ -321,6 +322,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = di.device
+    if device.type == "cuda":
+        # fixed input shapes: let cuDNN pick the fastest kernels once (as DeiT and timm do); the choice is not
+        # bit-reproducible across runs, which the fixed seed never promised on a GPU
+        torch.backends.cudnn.benchmark = True
     _seed_all(cfg.run.seed + di.rank)
 
     if state is None and builtin_name(cfg.data.dataset) is None and Path(cfg.data.dataset).exists():
@@ -466,10 +471,14 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         cache = run_dir / "teacher_logits.pt"
         key = _teacher_cache_key(cfg, bundle.train)
         cached = _cached_teacher_logits(cache, len(bundle.train), num_classes, key, log)
-        if cached is None:
+        # the ranks compute shards and gather them: all recompute if any one cannot use the cache (a node
+        # without the file), or the gather would wait for ranks that never join
+        missing = all_reduce_sum(torch.tensor([float(cached is None)], dtype=torch.float64, device=device))
+        if missing.item() > 0:
             log("precomputing teacher logits on the un-augmented training set ...")
             cached = precompute_teacher_logits(teacher, _eval_view(bundle.train, bundle, cfg),
-                                               batch_size=cfg.run.batch_size, device=device, collate=bundle.collate)
+                                               batch_size=cfg.run.batch_size, device=device, collate=bundle.collate,
+                                               num_classes=num_classes, di=di, num_workers=cfg.data.num_workers)
             if di.is_main:
                 atomic_torch_save({"logits": cached, "key": key}, cache)
         cached = teacher_targets(cached, cfg.distill.kind, cfg.distill.tau)
@@ -642,6 +651,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                             if distill and cached is None:
                                 with torch.no_grad():
                                     t_target = teacher(x).float()
+                        # the loss in float32: autocast hands back half-precision logits, and outside its block
+                        # log_softmax / the mean would run in bf16/fp16
+                        out = tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
                         loss = criterion(out, y, t_target, teacher_is_dist=cached is not None)
                         _check_finite(loss, di, epoch, step, micro, run_dir, device)
                         # weight by real samples: a full micro-batch keeps exactly loss / accum; the update is
@@ -707,6 +719,13 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         ev_kw = dict(device=device, batch_size=max(cfg.run.batch_size, 64), amp=amp if device.type == "cuda" else "none",
                      channels_last=cfg.run.channels_last, world_size=world, rank=di.rank, collate=bundle.collate,
                      num_workers=cfg.data.num_workers)
+        if di.distributed:
+            # each rank's BatchNorm statistics took in its own last batch (DDP hands out the main rank's buffers
+            # only at the start of a forward) and each rank's EMA averaged its own: give every rank the main rank's,
+            # the ones last.pt and best.safetensors hold, so the sharded validation scores exactly the saved weights
+            broadcast_tensors(raw_model.buffers(), di)
+            if ema is not None:
+                broadcast_tensors(ema.module.buffers(), di)
         if distill:
             raw_model.set_distilled_training(False)
         ev = evaluate(raw_model, bundle.val, **ev_kw)
