@@ -122,7 +122,23 @@ def test_roadmap_cli_json_is_a_list_of_steps(tmp_path: Path):
         assert {"step", "params", "macs", "latency_ms", "published_latency_ms", "published_top1"} <= set(s)
         assert s["latency_ms"] > 0 and s["params"] > 0
     assert steps[-1]["params"] == 5067056  # fused RepViT-M0.9, reference sheet exact count
+    assert all("2307.09283" in s["published_source"] for s in steps)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:    # the plot is skipped (and said) without matplotlib; the numbers are still written
+        return
     assert out.with_suffix(".png").exists()
+
+
+def test_roadmap_cli_refuses_an_unwritable_output_and_a_plot_without_timings_before_running(tmp_path: Path,
+                                                                                            monkeypatch, capsys):
+    import repvit.bench.roadmap as rm
+    monkeypatch.setattr(rm, "run_roadmap", lambda **k: pytest.fail("the run started before the outputs were checked"))
+    if Path("/proc/self").exists():      # not writable even for root (a permission check would pass there)
+        assert main(["roadmap", "--json", "/proc/roadmap.json"]) != 0
+        assert "/proc is not a writable directory" in capsys.readouterr().err
+    assert main(["roadmap", "--no-measure", "--plot", str(tmp_path / "r.png")]) != 0
+    assert "--no-measure" in capsys.readouterr().err
 
 
 def test_pin_threads_sets_and_restores():

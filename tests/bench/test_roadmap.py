@@ -1,13 +1,17 @@
 """Roadmap models: every step builds, runs and fuses; the last step is RepViT-M0.9 exactly."""
 
+import json
 from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from repvit import reparameterize
 from repvit.models import build_model
-from repvit.models.roadmap import ROADMAP_STEPS, RoadmapConfig, build_roadmap_model, roadmap_configs
+from repvit.models.repvit import FFN, ClassifierHead, Stem
+from repvit.models.roadmap import (ROADMAP_STEPS, DeepDownsample, MBV3Head, RoadmapConfig, build_roadmap_model,
+                                   roadmap_configs)
 from repvit.utils.complexity import count_macs, count_params
 from tests.conftest import assert_input_dependent, randomize_bn
 
@@ -75,3 +79,64 @@ def test_bad_configs_raise_clear_errors():
         build_roadmap_model(replace(RoadmapConfig(), downsample="deep"))
     with pytest.raises(ValueError, match="out of range"):
         build_roadmap_model(10)
+
+
+# the reference sheet on the development machine; the numbers above were copied from it
+REF = Path("/work/shared/reference/repvit_reference.json")
+
+
+def test_published_numbers_are_the_reference_sheets():
+    if not REF.exists():
+        pytest.skip(f"{REF} is only on the development machine")
+    ref = json.loads(REF.read_text())["roadmap_mobilenetv3_to_repvit"]
+    assert len(ref) == len(ROADMAP_STEPS)
+    for (label, _, top1, lat), r in zip(ROADMAP_STEPS, ref):
+        assert (top1, lat) == (r["top1"], r["latency_ms"]), label
+
+
+# what each step changes (the config fields), so a step that changes the wrong thing fails
+STEP_CHANGES = {1: {"block"}, 2: {"expansion"}, 3: {"widths"}, 4: {"stem"}, 5: {"downsample", "depths"},
+                6: {"head"}, 7: {"depths"}, 8: {"kernel_sizes"}, 9: {"se"}}
+
+
+def test_each_step_changes_what_the_paper_says_in_the_built_network():
+    cfgs = [c for _, c in roadmap_configs()]
+    for i, fields_changed in STEP_CHANGES.items():
+        changed = {f.name for f in fields(RoadmapConfig) if getattr(cfgs[i - 1], f.name) != getattr(cfgs[i], f.name)}
+        assert changed == fields_changed, (i, changed)
+    nets = [build_roadmap_model(i) for i in range(len(ROADMAP_STEPS))]
+    ffns = lambda m: [f for f in m.modules() if isinstance(f, FFN)]                            # noqa: E731
+    assert not ffns(nets[0]) and ffns(nets[1])                                                  # RepViT block
+    for m in nets[2:]:                                                                          # expansion 2
+        assert all(f.conv1.c.out_channels == 2 * f.conv1.c.in_channels for f in ffns(m))
+    assert any(f.conv1.c.out_channels != 2 * f.conv1.c.in_channels for f in ffns(nets[1]))
+    widths = lambda m: [st.blocks[-1].channel_mixer.conv2.c.out_channels if hasattr(st.blocks[-1], "channel_mixer")
+                        else None for st in m.stages]                                           # noqa: E731
+    assert widths(nets[3])[0] == 48 and widths(nets[2])[0] != 48                                # widths
+    assert not isinstance(nets[3].stem, Stem) and isinstance(nets[4].stem, Stem)               # early-conv stem
+    assert (nets[4].stem.conv1.c.out_channels, nets[4].stem.conv2.c.out_channels) == (24, 48)
+    for i, m in enumerate(nets):                                                                # deep downsampling
+        deep = [isinstance(st.downsample, DeepDownsample) for st in m.stages[1:]]
+        assert deep == ([True] * 3 if i >= 5 else [False] * 3), i
+    assert all(isinstance(m.head, MBV3Head) for m in nets[:6])                                   # simple classifier
+    assert all(isinstance(m.head, ClassifierHead) for m in nets[6:])
+    depths = lambda m: [len(st.blocks) for st in m.stages]                                      # noqa: E731
+    assert depths(nets[7]) == [2, 2, 14, 2] and depths(nets[6]) != [2, 2, 14, 2]                # stage ratio
+    k = lambda m: {c.kernel_size for c in reparameterize(m).modules()                           # noqa: E731
+                   if isinstance(c, torch.nn.Conv2d) and c.groups > 1}      # fused: no 1x1 training branches
+    assert k(nets[7]) == {(3, 3), (5, 5)} and k(nets[8]) == {(3, 3)}                            # 3x3 only
+    se = lambda m: [[any(type(x).__name__ == "SqueezeExcite" for x in b.modules()) for b in st.blocks]  # noqa: E731
+                    for st in m.stages]
+    assert se(nets[9]) == [[j % 2 == 0 for j in range(n)] for n in (2, 2, 14, 2)]              # cross-block SE
+    assert se(nets[8]) != se(nets[9])
+
+
+def test_mobilenetv3_head_macs_pool_the_960_wide_conv():
+    """fvcore counts the global pool as its input's size; MobileNetV3's head pools its 960-channel conv (timm's
+    mobilenetv3_large_100 without BatchNorm: 216,636,800 MACs by fvcore at 224), not the last stage's 160."""
+    from repvit.models.roadmap import MBV3_HEAD_CONV
+    step0 = reparameterize(build_roadmap_model(0).eval())
+    convs_and_linear = count_macs(step0) - MBV3_HEAD_CONV * 7 * 7
+    step0.pool_input_module = lambda: step0.stages[-1]          # the old count: pool over the last stage
+    assert count_macs(step0) == convs_and_linear + 160 * 7 * 7
+    assert convs_and_linear + MBV3_HEAD_CONV * 7 * 7 == 216_636_800

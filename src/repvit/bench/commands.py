@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .runtimes import DEFAULT_RUNTIMES, RUNTIMES
@@ -97,9 +98,27 @@ def _check_outputs(args: argparse.Namespace) -> None:
         parent = Path(p).parent
         if str(parent) and parent.exists() and not parent.is_dir():
             raise ValueError(f"cannot write {p}: {parent} is not a directory")
+        _probe_writable(Path(p))
     if len({Path(p).resolve() for p in paths}) < len(paths):
         raise ValueError(f"output paths coincide ({', '.join(map(str, paths))}): give --json a .json name, or "
                          "--markdown / --plot paths of their own")
+
+
+def _probe_writable(path: Path) -> None:
+    """Create and delete a temp file where ``path`` will be written (its folder, or the nearest existing folder
+    above it, which the write will create the rest under): permissions alone do not tell (root, read-only mounts,
+    /proc)."""
+    import tempfile
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=folder)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {folder} is not a writable directory ({e.strerror or e}); "
+                         "choose another output path") from e
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def _write_outputs(args: argparse.Namespace, obj, md: str, plot) -> None:
@@ -127,6 +146,7 @@ def _bench(args: argparse.Namespace) -> int:
         if bad:
             raise ValueError(f"{', '.join(bad)} do not apply to --gpu (GPU throughput mode takes --models, "
                              "--input-size, --gpu-batch, --warmup, --iters and --json)")
+        _check_outputs(args)
         from .gpu import gpu_throughput
         warmup = _GPU_DEFAULTS["warmup"] if args.warmup is None else args.warmup
         iters = _GPU_DEFAULTS["iters"] if args.iters is None else args.iters
@@ -159,6 +179,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _roadmap(args: argparse.Namespace) -> int:
     from .report import plot_roadmap, roadmap_markdown
     from .roadmap import run_roadmap
+    if args.no_measure and args.plot is not None:
+        raise ValueError("--plot draws the measured latencies, which --no-measure skips: drop one of them")
     _check_outputs(args)
     steps, meta = run_roadmap(runtime=args.runtime, threads=args.threads, input_size=args.input_size,
                               warmup=args.warmup, iters=args.iters, rounds=args.rounds, measure=not args.no_measure)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..models.roadmap import ROADMAP_STEPS, build_roadmap_model, config_dict, roadmap_configs
+from ..models.roadmap import ROADMAP_SOURCE, ROADMAP_STEPS, build_roadmap_model, config_dict, roadmap_configs
 from ..reparam import reparameterize
 from ..utils.complexity import count_macs, count_params
 from .machine import machine_info, pin_threads
@@ -25,7 +25,7 @@ def run_roadmap(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Return (steps, meta). Each step: index, step, params, macs (fused, fvcore convention),
     latency_ms (median) / latency_p90_ms / latency (full stats), published_latency_ms (iPhone 12),
-    published_top1, config. ``measure=False`` skips timing (latency fields are None)."""
+    published_top1, published_source, config. ``measure=False`` skips timing (latency fields are None)."""
     check_runtimes([runtime])
     check_counts(warmup=warmup, iters=iters, rounds=rounds)
     if input_size < 32:
@@ -46,7 +46,7 @@ def _run_pinned(pinned: dict, *, runtime: str, input_size: int, warmup: int, ite
             fused = reparameterize(build_roadmap_model(i).eval())
             steps.append({"index": i, "step": label, "params": count_params(fused),
                           "macs": count_macs(fused, (input_size, input_size)),
-                          "published_latency_ms": lat, "published_top1": top1,
+                          "published_latency_ms": lat, "published_top1": top1, "published_source": ROADMAP_SOURCE,
                           "latency_ms": None, "latency_p90_ms": None, "config": config_dict(cfg)})
             if measure:
                 try:

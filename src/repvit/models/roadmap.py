@@ -15,6 +15,11 @@ Choices the paper leaves open, made here and documented:
   * "mobilenetv3" SE placement as a per-stage rule: none / all / last third / all, counted over
     the stage's blocks including its downsampling block (gives MobileNetV3-L's exact pattern).
   * The MobileNetV3 head keeps its published widths (1x1 conv to 960, pool, 1x1 conv to 1280).
+  * From the RepViT-block step on, a channel mixer's hidden width is its *output* width x expansion (RepViT's
+    convention: the width changes in the token mixer's 1x1, the FFN runs on the new width), where MobileNetV3
+    expands its *input* width: at step 1 the width-changing blocks get more hidden channels than MobileNetV3
+    (40 -> 80: 480 instead of 240; 112 -> 160: 960 instead of 672; 16 -> 24: 96 instead of 64). The reference
+    gives no per-step parameter counts to settle this; steps 2-9 use expansion 2 either way.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from torch import nn
 
 from .repvit import FFN, ClassifierHead, ConvBN, RepViTBlock, SqueezeExcite, Stem
 
-__all__ = ["RoadmapConfig", "RoadmapNet", "ROADMAP_STEPS", "roadmap_configs", "build_roadmap_model"]
+__all__ = ["RoadmapConfig", "RoadmapNet", "ROADMAP_STEPS", "ROADMAP_SOURCE", "roadmap_configs",
+           "build_roadmap_model"]
 
 # MobileNetV3-L (Howard et al. 2019; timm mobilenetv3_large_100), grouped into the four
 # stages at strides 4, 8, 16, 32. The stride-2 stem conv and the 16-channel depthwise-
@@ -217,6 +223,11 @@ class RoadmapNet(nn.Module):
         self.head: nn.Module = (MBV3Head(in_dim, num_classes) if cfg.head == "mobilenetv3"
                                 else ClassifierHead(in_dim, num_classes))
 
+    def pool_input_module(self) -> nn.Module:
+        """The module whose output the classifier's global pool averages (for MAC counting): MobileNetV3's head
+        pools its 960-wide conv, the simple head the last stage."""
+        return self.head.act if self.cfg.head == "mobilenetv3" else self.stages[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for stage in self.stages:
@@ -282,6 +293,12 @@ ROADMAP_STEPS: tuple[tuple[str, dict[str, Any], float | None, float], ...] = (
     ("3x3 kernels only", {"kernel_sizes": (3, 3, 3, 3)}, 76.9, 0.89),
     ("cross-block SE (= RepViT-M0.9)", {"se": "cross_block"}, 77.4, 0.87),
 )
+
+
+# where the published columns come from (recorded in every roadmap JSON step)
+ROADMAP_SOURCE = ("RepViT paper (arXiv 2307.09283) section 3 / official repo, via the reference sheet "
+                  "roadmap_mobilenetv3_to_repvit: iPhone 12 Core ML latency; ImageNet-1K top-1 of the aligned "
+                  "300-epoch recipe without distillation")
 
 
 def roadmap_configs() -> list[tuple[str, RoadmapConfig]]:

@@ -41,7 +41,10 @@ def count_macs(model: nn.Module, input_size: tuple[int, int] = (224, 224), *, in
 
     hooks = []
     stages = getattr(model, "stages", None)
-    if stages is not None and getattr(model, "num_classes", 0) > 0:
+    pool_input = getattr(model, "pool_input_module", None)   # a head that pools something else (MobileNetV3's)
+    if callable(pool_input):
+        hooks.append(pool_input().register_forward_hook(pool_hook))
+    elif stages is not None and getattr(model, "num_classes", 0) > 0:
         hooks.append(stages[-1].register_forward_hook(pool_hook))
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
