@@ -350,7 +350,9 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
             res = evaluate_openvino(p, x, y, threads=args.threads)
             rows[name] = {"top1": res["top1"], "agreement_pct": float((res["pred"] == ov_ref["pred"]).mean() * 100),
                           "top1_drop": ov_ref["top1"] - res["top1"], "quantize_s": round(time.perf_counter() - t, 1),
-                          "int8_primitives": info["int8_primitives"]}
+                          "int8_primitives": info["int8_primitives"], "quantization": info["quantization"],
+                          # the plugin's default for the float layers: bf16 on AVX512-BF16/AMX CPUs, f32 elsewhere
+                          "inference_precision": res["inference_precision"]}
             ov_paths[name] = p
             print(f"[{ds}] {name}: top1 {res['top1']:.2f} (OpenVINO fp32 {ov_ref['top1']:.2f})", flush=True)
     et_paths = {}
@@ -368,7 +370,8 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
             res = evaluate_pte(p, x, y)
             rows[name] = {"top1": res["top1"], "agreement_pct": float((res["pred"] == et_ref["pred"]).mean() * 100),
                           "top1_drop": et_ref["top1"] - res["top1"], "quantize_s": round(time.perf_counter() - t, 1),
-                          "size_mb": round(p.stat().st_size / 1e6, 2), "fp32_size_mb": round(etf.stat().st_size / 1e6, 2)}
+                          "size_mb": round(p.stat().st_size / 1e6, 2), "fp32_size_mb": round(etf.stat().st_size / 1e6, 2),
+                          "quantization": info.get("quantization")}
             et_paths[name] = p
             print(f"[{ds}] {name}: top1 {res['top1']:.2f} (ExecuTorch fp32 {et_ref['top1']:.2f})", flush=True)
     for name, kw in RECIPES.items():
@@ -379,7 +382,7 @@ def bench_dataset(ds: str, args, workdir: Path) -> dict:
         rows[name] = {"top1": res["top1"], "agreement_pct": float((res["pred"] == ref["pred"]).mean() * 100),
                       "top1_drop": ref["top1"] - res["top1"], "quantize_s": round(time.perf_counter() - t, 1),
                       "size_mb": round(p.stat().st_size / 1e6, 2), "fp32_size_mb": round(fp32.stat().st_size / 1e6, 2),
-                      "kept_float_nodes": info["quantization"]["kept_float_nodes"]}
+                      "kept_float_nodes": info["quantization"]["kept_float_nodes"], "quantization": info["quantization"]}
         paths[name] = p
         print(f"[{ds}] {name}: top1 {res['top1']:.2f} (fp32 {ref['top1']:.2f})", flush=True)
 

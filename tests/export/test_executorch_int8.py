@@ -95,6 +95,10 @@ def test_broken_program_is_not_published(tmp_path, monkeypatch, failure):
     out = tmp_path / "q.pte"
     kw = dict(calib="digits", num_calib=2, measure_latency=False)
     if failure == "runtime missing":
+        # asked for the held-out comparison, which needs the runtime: an error, nothing published
+        with pytest.raises(RuntimeError, match="--eval"):
+            ei.quantize_executorch(model, out, eval_data="digits", num_eval=4, **kw)
+        assert not list(tmp_path.iterdir())
         info = ei.quantize_executorch(model, out, **kw)
         assert out.is_file() and "executorch runtime unavailable" in info["validation"]["skipped"]
         return

@@ -127,3 +127,20 @@ def test_fp32_reference_runs_in_f32_and_precisions_are_recorded(tmp_path, monkey
     default = ov8.inference_precision(real_session(out))
     assert e["int8_inference_precision"] == info["int8_inference_precision"] == default
     assert json.loads(sidecar_path(out).read_text())["eval"]["fp32_inference_precision"] == "f32"
+
+
+def test_republishing_without_a_sidecar_removes_the_old_one(tmp_path):
+    """A new IR published over an old one takes the old sidecar (its checksum and accuracy are the old model's)
+    with it, also when the new one is written without a sidecar."""
+    import repvit.export.openvino_int8 as ov8
+
+    from .conftest import small_model
+
+    model = small_model(in_chans=1, size=32, num_classes=10, seed=0)
+    model.preprocessing = {"input_size": [1, 32, 32], "mean": [0.3], "std": [0.35], "interpolation": "bilinear",
+                           "crop_pct": 1.0}
+    out = tmp_path / "m.xml"
+    ov8.quantize_openvino(model, out, calib="digits", num_calib=2)
+    assert sidecar_path(out).exists()
+    ov8.quantize_openvino(model, out, calib="digits", num_calib=2, sidecar=False)
+    assert out.exists() and not sidecar_path(out).exists()

@@ -182,6 +182,10 @@ def quantize_executorch(
         try:
             method = _runtime_method(tmp)
         except ImportError as e:  # runtime wheel parts missing: the program is still valid; say why it was not run
+            if held_out is not None:  # ... unless the held-out comparison was asked for: that needs the runtime
+                raise RuntimeError(f"the held-out evaluation (--eval) runs the .pte in the ExecuTorch runtime, which "
+                                  f"cannot load here ({e}); install the runtime (pip install 'repvit[executorch]') "
+                                  "or drop --eval") from e
             result["validation"] = {"skipped": f"executorch runtime unavailable: {e}"}
             method = None
         # any other error loading or running the program (a broken .pte) propagates: atomic_output publishes nothing

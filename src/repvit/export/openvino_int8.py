@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 
 from .calib import load_images, source_facts
-from .common import check_writable, get_preprocessing, model_info, require, sha256_of, write_sidecar
+from .common import check_writable, get_preprocessing, model_info, require, sha256_of, sidecar_path, write_sidecar
 from .onnx_export import export_onnx
 from .quantize import check_keep_float, classification_result, compare_fp32_int8, load_held_out, prepare_inputs
 from .source import to_deploy
@@ -113,6 +113,9 @@ def _publish_ir(src_xml: Path, dst_xml: Path) -> None:
     for f in (src_xml, src_xml.with_suffix(".bin")):  # on disk before the renames
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    # the old sidecar goes first (as atomic_output does for the one-file formats): it describes the old model,
+    # and a publish without a sidecar, or a failure before the new one is written, must not leave it claiming this
+    sidecar_path(dst_xml).unlink(missing_ok=True)
     dst_xml.unlink(missing_ok=True)
     os.replace(src_xml.with_suffix(".bin"), dst_xml.with_suffix(".bin"))
     os.replace(src_xml, dst_xml)
