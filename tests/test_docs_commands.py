@@ -83,3 +83,57 @@ def test_documented_command_parses(doc, cmd, whole):
         if not whole and any(f in "".join(msg) for f in FRAGMENT_ERRORS):
             return
         pytest.fail(f"{doc}: `{cmd}` no longer parses: {msg} (exit {e.code})")
+
+
+def documented_scripts() -> list[tuple[str, str]]:
+    """The ``python benchmarks/NAME.py ...`` commands of the docs (code blocks and inline), without synopses."""
+    found = []
+    for doc in DOCS:
+        text = doc.read_text()
+        inline = [" ".join(m.split()) for m in re.findall(r"`(python benchmarks/[^`]+)`", text)]
+        fenced = []
+        for block in re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S):
+            joined = re.sub(r"\\\n\s*", " ", block)
+            fenced += [re.split(r"\s+#\s", ln.strip(), maxsplit=1)[0] for ln in joined.splitlines()
+                       if ln.strip().startswith("python benchmarks/")]
+        found += [(doc.name, c) for c in inline + fenced if not SYNOPSIS.search(c)]
+    return found
+
+
+SCRIPTS = documented_scripts()
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("doc,cmd", SCRIPTS, ids=[f"{d}:{c[:70]}" for d, c in SCRIPTS])
+def test_documented_benchmark_command_parses(doc, cmd, monkeypatch):
+    """The script's own argument parser accepts the documented arguments (stopped right after parsing)."""
+    import argparse
+    import sys
+
+    from tests.conftest import load_script
+    words = shlex.split(cmd)
+    name = Path(words[1]).stem
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        real(self, args, namespace)
+        raise _Parsed
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "argv", words[1:])
+    mod = load_script(name)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            mod.main(words[2:]) if "argv" in mod.main.__code__.co_varnames[:1] else mod.main()
+    except _Parsed:
+        return
+    except SystemExit as e:
+        pytest.fail(f"{doc}: `{cmd}` no longer parses: {err.getvalue().strip().splitlines()[-1:]} (exit {e.code})")
+    pytest.fail(f"{doc}: `{cmd}`: main() returned without parsing its arguments")
+
+
+def test_the_docs_hold_benchmark_commands():
+    assert {Path(shlex.split(c)[1]).stem for _, c in SCRIPTS} >= {"fashion_mnist", "int8_accuracy", "latency_vs_timm"}
