@@ -31,6 +31,9 @@ OFFICIAL = {
     "augment": "RandomResizedCrop 224 bicubic, hflip, RandAugment rand-m9-mstd0.5-inc1, random erasing p=0.25 pixel "
                "mode, mixup 0.8, cutmix 1.0, label smoothing 0.1, repeated augmentation x3",
 }
+OFFICIAL_DISTILLATION = (
+    "hard (DeiT-style): loss = 0.5 * CE(cls_head, mixed targets) + 0.5 * CE(dist_head, argmax(teacher)); teacher "
+    "RegNetY-16GF (timm regnety_160, DeiT checkpoint, 82.9% top-1); soft variant = KL(student/T, teacher/T) * T^2")
 # where the sheet lives on the development machine; when present, the copy above must still equal it
 REF = Path("/work/shared/reference/repvit_reference.json")
 
@@ -60,6 +63,7 @@ def test_imagenet_recipes_equal_official_defaults():
     if REF.exists():   # the copy has not drifted from the sheet (no skip without it: the copy is the reference)
         sheet = json.loads(REF.read_text())["training_recipe_official"]
         assert {k: sheet[k] for k in OFFICIAL} == OFFICIAL
+        assert sheet["distillation"] == OFFICIAL_DISTILLATION
     total = off["batch_per_gpu"] * off["gpus"]
     lr_factor = float(re.match(r"([\d.e-]+) \* total_batch / (\d+)", off["lr"]).group(1))
     lr_div = int(re.match(r"([\d.e-]+) \* total_batch / (\d+)", off["lr"]).group(2))
@@ -85,9 +89,19 @@ def test_imagenet_recipes_equal_official_defaults():
         assert c.aug.repeated_aug == 3
         assert c.data.interpolation == "bicubic" and c.data.img_size == 224
         assert c.schedule.epochs in (off["epochs"], off["alt_epochs"])
+        assert c.run.amp == "fp16" and off["amp"] is True                 # fp16 autocast + gradient scaler
+        assert c.model.drop_path_rate == 0.0 and c.model.drop_rate == 0.0  # the official models use no drop path
+        assert list(c.optim.betas) == [0.9, 0.999] and list(c.aug.scale) == [0.08, 1.0] and c.aug.hflip == 0.5
+        assert c.data.eval_crop == "official"                             # resize 256, centre crop 224
+        # the official loop: lr stepped once per epoch (lr_scheduler.step(epoch)), best = the raw model's
+        assert c.schedule.step_per == "epoch" and c.run.save_best_from == "raw"
         if name.endswith("_distill"):
-            assert c.distill.teacher == "regnety_160" and "regnety_160" in c.distill.teacher_checkpoint
-            assert c.distill.alpha == 0.5
+            assert c.distill.kind == "hard" and c.distill.alpha == 0.5 and c.distill.tau == 1.0
+            assert c.distill.teacher == "regnety_160"
+            assert c.distill.teacher_checkpoint == "https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth"
+            assert "hard" in OFFICIAL_DISTILLATION and "regnety_160" in OFFICIAL_DISTILLATION
+        else:
+            assert c.distill.kind == "none" and not c.model.distillation
 
 
 def test_fashion_mnist_48_is_the_documented_48x48_benchmark_run():

@@ -126,3 +126,40 @@ def test_the_loss_is_computed_in_float32_under_bf16_autocast(tmp_path, monkeypat
     train(tiny_config("schedule.epochs=1", "run.max_steps_per_epoch=2", "run.amp=bf16"), tmp_path / "run")
     assert produced and set(produced) == {torch.bfloat16}      # autocast was on
     assert seen and set(seen) == {torch.float32}
+
+
+def test_step_per_epoch_follows_the_official_lr_staircase(tmp_path, monkeypatch):
+    """schedule.step_per=epoch (the ImageNet recipes): the official loop calls lr_scheduler.step(epoch) after each
+    epoch, so epochs 0 and 1 run at warmup_lr and epoch e >= 1 at the schedule's value at e - 1; every update of an
+    epoch uses the same lr. Expected values computed by hand (linear warmup over 2 epochs, cosine over 5)."""
+    import math
+
+    import repvit.train.loop as loop
+    lrs: list[float] = []
+    build = loop.build_optimization
+
+    def recording(*a, **k):
+        opt, sched = build(*a, **k)
+        real = opt.step
+
+        def step(*sa, **sk):
+            lrs.append(opt.param_groups[0]["lr"])
+            return real(*sa, **sk)
+        opt.step = step
+        return opt, sched
+
+    monkeypatch.setattr(loop, "build_optimization", recording)
+    base, warm, low = 0.01, 1e-4, 1e-5
+    cfg = tiny_config("schedule.epochs=5", "schedule.warmup_epochs=2", f"schedule.warmup_lr={warm}",
+                      f"schedule.min_lr={low}", "schedule.step_per=epoch", f"optim.lr={base}",
+                      "run.max_steps_per_epoch=2", "ema.enabled=false")
+    train(cfg, tmp_path / "run")
+
+    def official(t: int) -> float:          # timm's cosine with warmup (warmup_prefix off), at epoch t
+        if t < 2:
+            return warm + t * (base - warm) / 2
+        return low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / 5))
+    want = [warm] + [official(e - 1) for e in range(1, 5)]
+    got = [lrs[2 * e:2 * e + 2] for e in range(5)]
+    assert all(a == b for a, b in got), got                     # one lr per epoch
+    assert [a for a, _ in got] == pytest.approx(want, rel=1e-9)

@@ -95,6 +95,10 @@ class ScheduleConfig:
     warmup_epochs: float = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    # update: the lr follows the schedule every optimizer update (smooth; what short runs want).
+    # epoch: the official RepViT/DeiT loop - the lr changes once per epoch (lr_scheduler.step(epoch) after each
+    # epoch), so epoch 0 and 1 run at warmup_lr and epoch e >= 1 at the schedule's value for e - 1
+    step_per: str = "update"
 
 
 @dataclass
@@ -153,6 +157,7 @@ class TrainConfig:
         _choice("data.format", self.data.format, DATA_FORMATS)
         _choice("optim.clip_mode", self.optim.clip_mode, ("agc", "norm", "value", "none"))
         _choice("run.save_best_from", self.run.save_best_from, ("auto", "ema", "raw"))
+        _choice("schedule.step_per", self.schedule.step_per, ("update", "epoch"))
         _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
         # schedulers the loop can drive per update (plateau needs a metric, none builds no scheduler)
         _choice("schedule.sched", self.schedule.sched, ("cosine", "tanh", "step", "multistep", "poly"))

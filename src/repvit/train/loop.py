@@ -245,18 +245,18 @@ def _build_loss(cfg: TrainConfig, mixup_on: bool) -> nn.Module:
 
 
 def build_optimization(cfg: TrainConfig, model: nn.Module, *, world_size: int, updates_per_epoch: int):
-    """AdamW (no decay on norms/biases) + per-update cosine schedule with linear warmup (timm)."""
+    """AdamW (no decay on norms/biases) + cosine schedule with linear warmup (timm), per update or per epoch."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     # timm's weight-decay filter skips 1-D parameters: every norm weight and bias (official recipe)
     optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.lr(world_size),
                                     weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
                                     betas=tuple(cfg.optim.betas))
-    # stepped every update (t_in_epochs=False) so short runs warm up smoothly; at epoch boundaries the
-    # values equal the official per-epoch schedule
+    # step_per=update: stepped every update (t_in_epochs=False), so short runs warm up smoothly. step_per=epoch:
+    # the official loop's staircase, set at each epoch's start in train() (step_update is then a no-op)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.schedule.sched, num_epochs=cfg.schedule.epochs,
                                        warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
-                                       min_lr=cfg.schedule.min_lr, step_on_epochs=False,
+                                       min_lr=cfg.schedule.min_lr, step_on_epochs=cfg.schedule.step_per == "epoch",
                                        updates_per_epoch=updates_per_epoch)
     return optimizer, scheduler
 
@@ -563,6 +563,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
 
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.schedule.epochs):
+        if cfg.schedule.step_per == "epoch" and epoch > 0:
+            # the official loop calls lr_scheduler.step(epoch) after epoch `epoch`: the next one runs at that value
+            # (epoch 0 keeps the scheduler's initial warmup_lr); set here, so a resumed run gets it too
+            scheduler.step(epoch - 1)
         first = start_micro if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first)
         loader = DataLoader(_Indexed(bundle.train), batch_sampler=sampler, num_workers=cfg.data.num_workers,

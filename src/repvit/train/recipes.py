@@ -118,7 +118,24 @@ def official_recipe(variant: str, epochs: int, distill: bool) -> dict:
     cfg.distill.teacher = "regnety_160"
     cfg.distill.teacher_checkpoint = DEIT_REGNETY160_URL
     cfg.data.dataset = "imagenet"   # replace with --data /path/to/imagenet
+    # as the official main.py: the lr steps once per epoch (lr_scheduler.step(epoch)), and the best checkpoint is
+    # the raw model's best epoch (the EMA is kept and logged, never selected)
+    cfg.schedule.step_per = "epoch"
+    cfg.run.save_best_from = "raw"
     return config_to_dict(cfg.validate())
+
+
+def _provenance(variant: str, epochs: int, distill: bool) -> str:
+    """Whether the official repo trained this variant/schedule (a released checkpoint with a published top-1,
+    models.specs.FACTS) or only shares its hyper-parameters."""
+    from repvit.models.specs import FACTS
+    if not distill:
+        return "Official RepViT hyper-parameters without the teacher (every released checkpoint is distilled)"
+    top1 = getattr(FACTS[variant], f"top1_{epochs}e", None) if epochs in (300, 450) else None
+    if top1 is None:
+        return (f"Official RepViT hyper-parameters; the official repo released no {epochs}-epoch run of this "
+                "variant")
+    return f"Official RepViT recipe (published top-1 {top1}%)"
 
 
 def write_official_recipes(out_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -131,7 +148,8 @@ def write_official_recipes(out_dir: str | os.PathLike | None = None) -> list[Pat
                 name = f"{v}_{epochs}e" + ("_distill" if distill else "")
                 body = official_recipe(v, epochs, distill)
                 desc = (f"{v}, ImageNet-1k, {epochs} epochs, " + ("hard distillation from RegNetY-16GF (DeiT)"
-                        if distill else "no distillation") + ". Official RepViT recipe; pass --data /path/to/imagenet.")
+                        if distill else "no distillation") + f". {_provenance(v, epochs, distill)}; pass "
+                        "--data /path/to/imagenet.")
                 text = f"description: {desc}\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
                 written.append(atomic_write_text(out / f"{name}.yaml", text))
     return written
