@@ -44,11 +44,48 @@ def test_convert_between_formats(tmp_path, capsys):
 
 def test_cli_errors_are_one_clean_line(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint at all")
-    r = subprocess.run([sys.executable, "-m", "repvit", "convert", str(tmp_path / "bad.pth"), str(tmp_path / "o.st")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2
-    assert "repvit convert: error:" in r.stderr and "truncated or corrupt" in r.stderr
-    assert "Traceback" not in r.stderr
+    torch.save({"w": torch.zeros(100)}, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+    for name, says in (("bad.pth", "is not a PyTorch or safetensors checkpoint"), ("cut.pth", "truncated or corrupt")):
+        r = subprocess.run([sys.executable, "-m", "repvit", "convert", str(tmp_path / name), str(tmp_path / "o.st")],
+                           capture_output=True, text=True)
+        assert r.returncode == 2
+        assert "repvit convert: error:" in r.stderr and says in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_convert_never_overwrites_its_source_or_an_existing_file_unasked(tmp_path, capsys):
+    """A convert onto its own source with --deploy used to destroy the train-form weights; an existing OUT needs
+    --force; the official layout is a pickle, so a .safetensors name for it is refused."""
+    m = repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1)
+    src = tmp_path / "best.safetensors"
+    repvit.save_checkpoint(m, src)
+    before = src.read_bytes()
+    assert main(["convert", str(src), str(tmp_path / "." / "best.safetensors"), "--deploy"]) == 2
+    assert "OUT is the SOURCE" in capsys.readouterr().err and src.read_bytes() == before
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"keep me")
+    assert main(["convert", str(src), str(other)]) == 2
+    assert "--force" in capsys.readouterr().err and other.read_bytes() == b"keep me"
+    assert main(["convert", str(src), str(other), "--force", "--deploy"]) == 0
+    assert read_checkpoint(other).info.form == "deploy"
+    assert main(["convert", str(src), str(tmp_path / "off.safetensors"), "--to", "official"]) == 2
+    assert "name the output *.pth" in capsys.readouterr().err and not (tmp_path / "off.safetensors").exists()
+
+
+def test_convert_says_when_preprocessing_is_dropped_or_defaulted(tmp_path, capsys):
+    m = repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1)
+    pre = {"input_size": [1, 32, 32], "mean": [0.286], "std": [0.353], "interpolation": "bilinear", "crop_pct": 1.0}
+    repvit.save_checkpoint(m, tmp_path / "a.safetensors", preprocessing=pre)
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "t.safetensors"), "--to", "timm"]) == 0
+    assert "records no preprocessing" in capsys.readouterr().out          # timm's format drops it: said
+    assert main(["convert", str(tmp_path / "t.safetensors"), str(tmp_path / "back.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "records no preprocessing" in out and "defaults" in out      # back in ours: defaults, said
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "same.safetensors")]) == 0
+    assert "note:" not in capsys.readouterr().out                        # ours -> ours keeps it: nothing to say
+    assert read_checkpoint(tmp_path / "same.safetensors").metadata["preprocessing"]["input_size"] == [1, 32, 32]
 
 
 def test_cli_tells_our_errors_from_unexpected_ones(monkeypatch, capsys):

@@ -158,3 +158,24 @@ def test_eval_of_a_directory_without_last_pt_says_what_to_pass(tmp_path):
     from repvit.train.evaluate import evaluate_checkpoint
     with pytest.raises(FileNotFoundError, match="is a directory without a last.pt; pass a checkpoint file"):
         evaluate_checkpoint(str(tmp_path), "digits", num_workers=0)
+
+
+def test_eval_refuses_bad_sizes_counts_and_an_absent_gpu_as_user_errors(tmp_path, capsys):
+    """--img-size 0 used to evaluate at 224 silently, a negative size and --device cuda without a GPU ended as
+    'unexpected' errors (exit 1, 'please report it'): they are the user's to fix (exit 2, one line)."""
+    import repvit
+    from repvit.cli import main
+    from repvit.train.evaluate import evaluate_checkpoint
+    ck = tmp_path / "m.safetensors"
+    repvit.save_checkpoint(repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1), ck)
+    for bad in (["--img-size", "0"], ["--img-size", "-5"], ["--batch-size", "0"], ["--workers", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", str(ck), "--data", "digits", *bad])
+        assert e.value.code == 2 and "must be >= " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--img-size must be a positive"):
+        evaluate_checkpoint(str(ck), "digits", img_size=0, num_workers=0)
+    if not torch.cuda.is_available():
+        assert main(["eval", str(ck), "--data", "digits", "--device", "cuda"]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+    assert main(["eval", str(ck), "--data", "digits", "--device", "tpu7"]) == 2
+    assert "is not a device name" in capsys.readouterr().err

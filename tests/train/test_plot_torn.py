@@ -66,3 +66,24 @@ def test_plot_command_draws_a_run_with_a_torn_last_line(tmp_path, capsys):
     assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "skipping the incomplete last line 3" in capsys.readouterr().err
+
+
+def test_a_foreign_metrics_file_is_a_clear_error_and_optional_columns_may_come_late(tmp_path, capsys):
+    """Another tool's metrics.jsonl used to end in a KeyError traceback; a column that appears only from some
+    epoch on (an EMA switched on at a resume) is plotted where present."""
+    from repvit.cli import main
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metrics.jsonl").write_text('{"epoch": 0, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="lacks 'train_loss', 'val_top1': not a metrics.jsonl written by repvit"):
+        read_metrics(foreign)
+    assert main(["plot", str(foreign)]) == 2
+    assert "not a metrics.jsonl" in capsys.readouterr().err
+    pytest.importorskip("matplotlib")
+    rows = _rows(3)
+    rows[2]["ema_val_top1"] = 55.0
+    run = _write(tmp_path, _full(rows))
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.txt")]) == 2
+    assert ".png" in capsys.readouterr().err and not (tmp_path / "c.txt").exists()

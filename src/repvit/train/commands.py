@@ -10,6 +10,20 @@ from pathlib import Path
 __all__ = ["register", "resolve_train_config", "default_run_dir"]
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _non_negative_int(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from repvit.data import DATA_FORMATS
 
@@ -48,18 +62,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--preprocessing", choices=("official", "timm"), default=None,
                    help="official: resize 256 / crop 224 (crop 0.875); timm: crop 0.95 (default: the crop the "
                         "checkpoint records, else official)")
-    e.add_argument("--img-size", type=int, help="default: the checkpoint's preprocessing input size")
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--workers", type=int, default=4)
+    e.add_argument("--img-size", type=_positive_int, help="default: the checkpoint's preprocessing input size")
+    e.add_argument("--batch-size", type=_positive_int, default=128)
+    e.add_argument("--workers", type=_non_negative_int, default=4, help="data loader worker processes")
     e.add_argument("--max-samples", type=int, help="evaluate a deterministic subset")
     e.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average the probabilities of each image and its horizontal mirror (2x compute)")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     e.set_defaults(func=_eval)
 
     pl = sub.add_parser("plot", help="draw loss/accuracy/lr curves of a run to PNG")
-    pl.add_argument("run_dir")
+    pl.add_argument("run_dir", help="a run directory (or its metrics.jsonl)")
     pl.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
     pl.set_defaults(func=_plot)
 
@@ -163,5 +177,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_run
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: the curves are written as PNG; give a path ending in .png")
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0

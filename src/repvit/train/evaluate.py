@@ -241,8 +241,15 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
         models, configs = _ensemble_members(paths)
     if download_dir is None:     # a run's checkpoint: where that run read its data from
         download_dir = next((c.data.download_dir for c in configs if c is not None and c.data.download_dir), None)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    try:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device name ({e}); use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but no CUDA device is available here; use --device cpu (or auto)")
+    if img_size is not None and img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {img_size}")
     pre = getattr(models[0][1], "preprocessing", None) or {}
     size = img_size or (pre.get("input_size") or [3, 224, 224])[-1]
     recorded = _recorded_crop(pre)

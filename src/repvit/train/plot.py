@@ -34,6 +34,10 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
                       f"writing it): {e}", file=sys.stderr)
                 continue
             raise ValueError(f"{path} line {i} is not a JSON object: {e}") from e
+        missing = [k for k in ("epoch", "train_loss", "val_top1") if k not in row]
+        if missing:
+            raise ValueError(f"{path} line {i} lacks {', '.join(repr(k) for k in missing)}: not a metrics.jsonl "
+                             "written by repvit train (each line holds epoch, train_loss, val_top1, ...)")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no epochs yet; plot after the first epoch finishes")
@@ -52,13 +56,16 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ep = [r["epoch"] + 1 for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     ax[0].plot(ep, [r["train_loss"] for r in rows], "o-", label="train loss")
-    if "val_loss" in rows[0]:
-        ax[0].plot(ep, [r["val_loss"] for r in rows], "o-", label="val loss")
+    def series(key: str) -> tuple[list, list]:     # an optional column: the epochs that have it
+        have = [(e, r[key]) for e, r in zip(ep, rows) if key in r]
+        return [e for e, _ in have], [v for _, v in have]
+    if any("val_loss" in r for r in rows):
+        ax[0].plot(*series("val_loss"), "o-", label="val loss")
     ax[1].plot(ep, [r["val_top1"] for r in rows], "o-", label="val top-1 (raw)")
-    if "ema_val_top1" in rows[0]:
-        ax[1].plot(ep, [r["ema_val_top1"] for r in rows], "o-", label="val top-1 (EMA)")
-    if "lr" in rows[0]:
-        ax[2].plot(ep, [r["lr"] for r in rows], "o-", label="lr (end of epoch)")
+    if any("ema_val_top1" in r for r in rows):
+        ax[1].plot(*series("ema_val_top1"), "o-", label="val top-1 (EMA)")
+    if any("lr" in r for r in rows):
+        ax[2].plot(*series("lr"), "o-", label="lr (end of epoch)")
     for a, title in zip(ax, ("loss", "accuracy (%)", "learning rate")):
         a.set_xlabel("epoch")
         a.set_title(title)

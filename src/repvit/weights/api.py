@@ -39,7 +39,8 @@ def _check_variant(ck: ReadCheckpoint, model: RepViT | RepViTFeatures) -> None:
         raise CheckpointMismatchError(
             f"{ck.path} is a {ck.describe()}, but the model is {model.variant} "
             f"(widths {list(spec.widths)}, depths {list(spec.depths)}{', legacy token mixer' if spec.legacy else ''}). "
-            f"Create the matching variant, e.g. repvit.create_model({names[0]!r}, checkpoint=...)"
+            f"Create the matching variant, e.g. repvit.create_model({names[0]!r}, checkpoint=...) (on the command "
+            f"line: --variant {names[0]}, or no --variant to read it from the file)"
             if names else f"{ck.path} holds an architecture that is no RepViT variant ({ck.describe()})"
         )
     if ck.info.in_chans != model.in_chans:
@@ -238,6 +239,11 @@ def save_checkpoint(
     elif format == "timm":
         write_state_dict(layouts.ours_to_timm(sd), path)
     elif format == "official":
+        if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
+            # the official layout is a {"model": ...} pickle, which a .safetensors name would misdescribe
+            raise ValueError(f"format 'official' is a PyTorch pickle ({{'model': state_dict}}, as the THU-MIG "
+                             f"releases); name the output *.pth instead of {Path(path).name}, or choose format "
+                             "'timm' or 'repvit' for safetensors")
         write_state_dict(layouts.ours_to_official(sd), path, torch_container="model")
     else:
         raise ValueError(f"unknown checkpoint format {format!r}; choose repvit, timm or official")

@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", help="variant name (default: inferred from the file)")
     p.add_argument("--deploy", action="store_true", help="fuse to the deploy form before writing")
     p.add_argument("--use-ema", action="store_true", help="take the EMA weights of a training checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT (never the SOURCE itself)")
     p.set_defaults(func=_convert)
 
 
@@ -66,10 +67,20 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..models.specs import default_preprocessing
     from ..reparam import reparameterize
     from .api import create_model, save_checkpoint
     from .io import read_checkpoint
 
+    src, out = Path(args.source), Path(args.out)
+    # checked before anything is read: a convert onto its own source (with --deploy, or to a format without
+    # metadata) would destroy what cannot be recovered - train-form weights, the EMA, the recorded preprocessing
+    if src.exists() and out.exists() and src.resolve() == out.resolve():
+        raise ValueError(f"OUT is the SOURCE file ({args.out}); write the converted checkpoint to another path")
+    if out.exists() and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to replace it, or choose another OUT")
     ck = read_checkpoint(args.source, use_ema=args.use_ema or None)
     variant = args.variant or ck.variant
     model = create_model(variant, checkpoint=args.source, use_ema=args.use_ema or None)
@@ -78,4 +89,13 @@ def _convert(args: argparse.Namespace) -> int:
     save_checkpoint(model, args.out, format=args.to)
     form = "deploy" if model.deploy else "train"
     print(f"read {ck.describe()}\nwrote {args.out}: {args.to} format, {variant}, {form} form")
+    recorded = "preprocessing" in ck.metadata
+    if args.to != "repvit" and recorded and model.preprocessing != default_preprocessing(model.in_chans):
+        print(f"note: the {args.to} format records no preprocessing; {args.source}'s (input size "
+              f"{model.preprocessing.get('input_size')}, mean {model.preprocessing.get('mean')}) is not in "
+              f"{args.out}: keep SOURCE, or pass the size and mean/std again when you use the file")
+    if args.to == "repvit" and not recorded:
+        print(f"note: {args.source} records no preprocessing; {args.out} holds the defaults for {model.in_chans}-"
+              f"channel input ({model.preprocessing.get('input_size')}): set the right ones with "
+              "repvit.save_checkpoint(model, path, preprocessing=...) if the weights were trained otherwise")
     return 0

@@ -73,6 +73,15 @@ def _torch_load(path: str) -> Any:
             ) from e
         reason = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
                        and "PyTorch 2.6" not in ln), type(e).__name__)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+        except OSError:
+            head = b""
+        if head and not head.startswith((b"PK", b"\x80")):   # neither torch's zip archive nor a legacy pickle
+            raise CheckpointFormatError(
+                f"{path} is not a PyTorch or safetensors checkpoint (it starts with {head!r}, not a zip archive or "
+                "a pickle); give a .pth/.pt file written by torch.save, or a .safetensors file") from e
         raise CorruptCheckpointError(
             f"could not read checkpoint {path}: the file is truncated or corrupt ({reason[:200]}). "
             "Download or export it again."
