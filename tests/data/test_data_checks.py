@@ -128,6 +128,9 @@ def test_auto_augment_none_means_off_for_image_data(tmp_path, value):
     root = _folder(tmp_path / "f", ("a", "b"))
     b = build_data(DataConfig(dataset=str(root), img_size=12), AugConfig(auto_augment=value))
     assert b.train[0][0].shape == (3, 12, 12)
+    assert "RandAugment" not in repr(b.train.transform)
+    on = build_data(DataConfig(dataset=str(root), img_size=12), AugConfig(auto_augment="rand-m9-mstd0.5-inc1"))
+    assert "RandAugment" in repr(on.train.transform)           # the check above can see it when it is there
 
 
 def test_eval_of_integer_labelled_data_whose_split_lacks_the_top_class(tmp_path):

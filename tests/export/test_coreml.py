@@ -71,6 +71,13 @@ def test_fp16_rgb_spec(tmp_path):
     assert side["precision"] == "fp16" and side["target"].startswith("mlprogram/")
     assert side["variant"] == "repvit_m0_6" and len(side["sha256"]) == 64
     assert side["image_scale"] == pytest.approx(info["image_scale"])
+    # Core ML's image input computes scale * pixel + bias_c, and the first conv is scaled per channel by fold_c:
+    # together they must be the model's normalisation (pixel / 255 - mean_c) / std_c, for any 0..255 pixel
+    pre = model.preprocessing
+    for c, (m, sd) in enumerate(zip(pre["mean"], pre["std"])):
+        for px in (0.0, 37.0, 128.0, 255.0):
+            got = (side["image_scale"] * px + side["image_bias"][c]) * side["folded_channel_scale"][c]
+            assert got == pytest.approx((px / 255.0 - m) / sd, rel=1e-6, abs=1e-6)
 
 
 @needs_ct

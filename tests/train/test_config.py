@@ -225,7 +225,15 @@ def test_out_of_range_values_name_the_key_and_the_range(override, message):
 
 
 def test_lookahead_optimizers_are_accepted():
-    assert apply_overrides(TrainConfig(), ["optim.opt=lookahead_adamw"]).optim.opt == "lookahead_adamw"
+    """Accepted by the config and built by timm as Lookahead around AdamW."""
+    from timm.optim import Lookahead
+
+    from repvit.models import build_model
+    from repvit.train.loop import build_optimization
+    cfg = apply_overrides(TrainConfig(), ["optim.opt=lookahead_adamw"])
+    assert cfg.optim.opt == "lookahead_adamw"
+    opt, _ = build_optimization(cfg, build_model("repvit_m0_6", num_classes=2), world_size=1, updates_per_epoch=2)
+    assert isinstance(opt, Lookahead) and isinstance(opt._base_optimizer, torch.optim.AdamW)
 
 
 def test_range_limits_themselves_are_accepted():

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import repvit
 from repvit.weights import layouts
 from repvit.weights.io import read_checkpoint
-from tests.conftest import randomize_bn
+from tests.conftest import assert_input_dependent, randomize_bn
 
 timm = pytest.importorskip("timm")
 TIMM_VARIANTS = [n for n in repvit.list_models() if n in timm.list_models("repvit*")]
@@ -129,13 +129,16 @@ def test_official_release_file_loads_safely_and_use_ema_chooses(tmp_path):
 
 
 def test_deploy_flag_with_train_checkpoint_fuses(tmp_path):
-    m = randomize_bn(repvit.create_model("repvit_m1_0", distillation=True)).eval()
+    # statistics measured on images: the outputs depend on the input, so the parity below means something
+    m = randomize_bn(repvit.create_model("repvit_m1_0", distillation=True), calibrate=64).eval()
     _official_release_file(m, tmp_path / "f.pth")
     d = repvit.create_model("repvit_m1_0", checkpoint=tmp_path / "f.pth", deploy=True)
     assert d.deploy
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(d(x), m(x), rtol=1e-4, atol=1e-4)
+        want = m(x)
+        assert_input_dependent(want[0], want[1])
+        torch.testing.assert_close(d(x), want, rtol=1e-4, atol=1e-4)
 
 
 def test_finetune_with_new_number_of_classes(tmp_path):
@@ -237,9 +240,16 @@ def test_ema_saved_by_torch_averaged_model_loads(tmp_path):
     from torch.optim.swa_utils import AveragedModel
     m = randomize_bn(repvit.create_model("repvit_m0_6"))
     ema = AveragedModel(m, use_buffers=True)
+    with torch.no_grad():                       # the EMA must differ from the raw weights, or either would pass
+        for t in ema.module.state_dict().values():
+            if t.is_floating_point():
+                t.add_(1.0)
     torch.save({"model": m.state_dict(), "model_ema": ema.state_dict()}, tmp_path / "tv.pth")
     got = repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "tv.pth", use_ema=True).state_dict()
-    assert _same(got, m.state_dict())
+    assert _same(got, ema.module.state_dict())
+    assert not _same(got, m.state_dict())
+    raw = repvit.create_model("repvit_m0_6", checkpoint=tmp_path / "tv.pth").state_dict()
+    assert _same(raw, m.state_dict())
 
 
 def test_metadata_of_the_wrong_type_is_a_format_error(tmp_path):
