@@ -79,7 +79,21 @@ def quantize_cli_within_bound(ckpt, out, num_calib: int, capsys, extra: list[str
 def test_quantize_cli_keeps_accuracy(digits_ckpt, tmp_path, capsys):
     ckpt, fused = digits_ckpt
     out = tmp_path / "int8.onnx"
-    quantize_cli_within_bound(ckpt, out, 128, capsys)
+    info = quantize_cli_within_bound(ckpt, out, 128, capsys)
+    # the reported accuracies, recomputed here: fp32 by the fused PyTorch model, INT8 by a plain ONNX Runtime
+    # session on the written file, both on the whole held-out split (not the numbers the exporter measured itself)
+    import onnxruntime as ort
+    xv, yv = load_images("digits", fused.preprocessing, split="val")
+    xn = normalise(xv, fused.preprocessing)
+    with torch.no_grad():
+        top1_fp32 = (fused(xn).argmax(1) == yv).float().mean().item() * 100
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: xn.numpy()})[0]
+    top1_int8 = float((logits.argmax(1) == yv.numpy()).mean() * 100)
+    assert len(yv) == info["eval"]["images"] == 359
+    assert info["eval"]["top1_fp32"] == pytest.approx(top1_fp32, abs=1e-4)
+    assert info["eval"]["top1_int8"] == pytest.approx(top1_int8, abs=1e-4)
+    assert top1_fp32 - top1_int8 <= MAX_DROP
     assert count_ops(out, "QuantizeLinear") > 50 and count_ops(out, "BatchNormalization") == 0
     side = json.loads(sidecar_path(out).read_text())
     assert side["format"] == "onnx-int8" and side["variant"] == "repvit_m0_6"
