@@ -50,7 +50,9 @@ def test_batch_and_resolution_keys_point_to_their_flags(fm):
         fm.check_overrides(["aug.reprob"])
 
 
-def test_every_allowed_key_is_a_recipe_key_and_reaches_the_config(fm):
+def test_every_allowed_key_is_a_recipe_key_and_the_trainer_reads_them(fm):
+    """Each allowlisted key names a real recipe field (apply_overrides raises on unknown ones); the trainer is
+    shown to read weight decay, the EMA decay and the warm-up (the other keys go through the same config)."""
     assert fm.check_overrides(["aug.reprob=0", "optim.clip_grad=null"]) == ["aug.reprob=0", "optim.clip_grad=null"]
     base = config_to_dict(load_recipe("fashion_mnist_full"))
     for key in fm.HONOURED_OVERRIDES:
