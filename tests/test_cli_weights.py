@@ -78,11 +78,19 @@ def test_convert_says_when_preprocessing_is_dropped_or_defaulted(tmp_path, capsy
     m = repvit.create_model("repvit_m0_6", num_classes=10, in_chans=1)
     pre = {"input_size": [1, 32, 32], "mean": [0.286], "std": [0.353], "interpolation": "bilinear", "crop_pct": 1.0}
     repvit.save_checkpoint(m, tmp_path / "a.safetensors", preprocessing=pre)
+    # timm's layout as safetensors keeps it in the metadata: a round trip loses nothing, and timm loads the file
     assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "t.safetensors"), "--to", "timm"]) == 0
-    assert "records no preprocessing" in capsys.readouterr().out          # timm's format drops it: said
-    assert main(["convert", str(tmp_path / "t.safetensors"), str(tmp_path / "back.safetensors")]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "t.safetensors"), str(tmp_path / "rt.safetensors")]) == 0
+    assert read_checkpoint(tmp_path / "rt.safetensors").metadata["preprocessing"] == pre
+    from safetensors.torch import load_file
+    assert all(k.startswith(("stem.", "stages.", "head.")) for k in load_file(str(tmp_path / "t.safetensors")))
+    # ... as a pickle it cannot: said, and a file without it converted into ours holds the defaults: said
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "t.pth"), "--to", "timm"]) == 0
+    assert "records no preprocessing" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "t.pth"), str(tmp_path / "back.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert "records no preprocessing" in out and "defaults" in out      # back in ours: defaults, said
+    assert "records no preprocessing" in out and "defaults" in out
     assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "same.safetensors")]) == 0
     assert "note:" not in capsys.readouterr().out                        # ours -> ours keeps it: nothing to say
     assert read_checkpoint(tmp_path / "same.safetensors").metadata["preprocessing"]["input_size"] == [1, 32, 32]

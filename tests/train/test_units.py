@@ -21,18 +21,37 @@ from trainhelpers import tiny_config
 @pytest.mark.parametrize("world, accum", [(8, 1), (1, 8)])
 def test_official_schedule_values_at_given_epochs(world, accum):
     cfg = load_recipe("repvit_m0_9_300e")
-    assert cfg.accum_steps(world) == accum
+    assert cfg.accum_steps(world) == accum and cfg.schedule.step_per == "epoch"
     model = build_model("repvit_m0_6", num_classes=10)
     upe = 10   # updates per epoch
-    opt, sched = build_optimization(cfg, model, world_size=world, updates_per_epoch=upe)
     peak, lo, w0 = 4e-3, 1e-5, 1e-6
+
+    def cosine(epoch: float) -> float:
+        return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * epoch / 300))
+
+    # the recipe as the official loop runs it: the schedule's value at whole epochs (scheduler.step(epoch))
+    opt, sched = build_optimization(cfg, model, world_size=world, updates_per_epoch=upe)
+
+    def lr_epoch(epoch: int) -> float:
+        sched.step(epoch)
+        return opt.param_groups[0]["lr"]
+
+    assert opt.param_groups[0]["lr"] == pytest.approx(w0)               # before the first step: the warmup start
+    assert lr_epoch(0) == pytest.approx(w0)
+    assert lr_epoch(2) == pytest.approx(w0 + (peak - w0) * 2 / 5)       # linear warmup, 2 of 5 epochs
+    assert lr_epoch(5) == pytest.approx(cosine(5))
+    assert lr_epoch(150) == pytest.approx((peak + lo) / 2)
+    assert lr_epoch(240) == pytest.approx(cosine(240))
+    sched.step_update(7)                                                  # per-update steps change nothing here
+    assert opt.param_groups[0]["lr"] == pytest.approx(cosine(240))
+
+    # the same schedule stepped every update (schedule.step_per=update): equal at epoch boundaries, smooth between
+    cfg.schedule.step_per = "update"
+    opt, sched = build_optimization(cfg, model, world_size=world, updates_per_epoch=upe)
 
     def lr_at(epoch: float) -> float:
         sched.step_update(int(round(epoch * upe)))
         return opt.param_groups[0]["lr"]
-
-    def cosine(epoch: float) -> float:
-        return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * epoch / 300))
 
     assert lr_at(0) == pytest.approx(w0)
     assert lr_at(2.5) == pytest.approx(w0 + (peak - w0) * 0.5)        # linear warmup, halfway

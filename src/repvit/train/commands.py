@@ -177,7 +177,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_run
-    if args.out and Path(args.out).suffix.lower() != ".png":
+    if args.out and not Path(args.out).is_dir() and Path(args.out).suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: the curves are written as PNG; give a path ending in .png")
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0

@@ -216,8 +216,8 @@ def save_checkpoint(
     """Write ``model``'s weights atomically.
 
     ``format="repvit"`` (default): safetensors + metadata (variant, form, num_classes, in_chans,
-    distillation, preprocessing). ``"timm"``: a timm state dict (safetensors, or a pickle if the path
-    ends in .pth/.pt/.bin). ``"official"``: the THU-MIG layout in a ``{"model": state_dict}`` pickle.
+    distillation, preprocessing). ``"timm"``: a timm state dict (safetensors with the variant and preprocessing
+    in its metadata, or a pickle without them if the path ends in .pth/.pt/.bin). ``"official"``: the THU-MIG layout in a ``{"model": state_dict}`` pickle.
     """
     if not isinstance(model, RepViT):
         raise TypeError(f"save_checkpoint expects a RepViT model, got {type(model).__name__}")
@@ -237,7 +237,10 @@ def save_checkpoint(
         }
         write_state_dict(sd, path, metadata=meta)
     elif format == "timm":
-        write_state_dict(layouts.ours_to_timm(sd), path)
+        # timm reads only the tensors; a safetensors file also keeps the variant and preprocessing in its metadata
+        # (next to the "format": "pt" of the hub's files), so a round trip through timm's layout loses neither
+        write_state_dict(layouts.ours_to_timm(sd), path, metadata={
+            "format": "pt", "variant": model.variant, "preprocessing": preprocessing or model.preprocessing})
     elif format == "official":
         if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
             # the official layout is a {"model": ...} pickle, which a .safetensors name would misdescribe

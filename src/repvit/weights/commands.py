@@ -89,9 +89,11 @@ def _convert(args: argparse.Namespace) -> int:
     save_checkpoint(model, args.out, format=args.to)
     form = "deploy" if model.deploy else "train"
     print(f"read {ck.describe()}\nwrote {args.out}: {args.to} format, {variant}, {form} form")
+    from .io import PICKLE_SUFFIXES
     recorded = "preprocessing" in ck.metadata
-    if args.to != "repvit" and recorded and model.preprocessing != default_preprocessing(model.in_chans):
-        print(f"note: the {args.to} format records no preprocessing; {args.source}'s (input size "
+    dropped = args.to == "official" or (args.to == "timm" and out.suffix.lower() in PICKLE_SUFFIXES)
+    if dropped and recorded and model.preprocessing != default_preprocessing(model.in_chans):
+        print(f"note: a {args.to}-format pickle records no preprocessing; {args.source}'s (input size "
               f"{model.preprocessing.get('input_size')}, mean {model.preprocessing.get('mean')}) is not in "
               f"{args.out}: keep SOURCE, or pass the size and mean/std again when you use the file")
     if args.to == "repvit" and not recorded:
