@@ -62,8 +62,11 @@ def test_convert_never_overwrites_its_source_or_an_existing_file_unasked(tmp_pat
     src = tmp_path / "best.safetensors"
     repvit.save_checkpoint(m, src)
     before = src.read_bytes()
-    assert main(["convert", str(src), str(tmp_path / "." / "best.safetensors"), "--deploy"]) == 2
-    assert "OUT is the SOURCE" in capsys.readouterr().err and src.read_bytes() == before
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.safetensors").symlink_to(src)
+    for same in (f"{tmp_path}/sub/../best.safetensors", str(tmp_path / "link.safetensors")):   # other spellings
+        assert main(["convert", str(src), same, "--deploy", "--force"]) == 2
+        assert "OUT is the SOURCE" in capsys.readouterr().err and src.read_bytes() == before
     other = tmp_path / "other.safetensors"
     other.write_bytes(b"keep me")
     assert main(["convert", str(src), str(other)]) == 2
@@ -72,6 +75,8 @@ def test_convert_never_overwrites_its_source_or_an_existing_file_unasked(tmp_pat
     assert read_checkpoint(other).info.form == "deploy"
     assert main(["convert", str(src), str(tmp_path / "off.safetensors"), "--to", "official"]) == 2
     assert "name the output *.pth" in capsys.readouterr().err and not (tmp_path / "off.safetensors").exists()
+    repvit.save_checkpoint(m, tmp_path / "model_best.pth.tar", format="official")   # other pickle names stay fine
+    assert read_checkpoint(tmp_path / "model_best.pth.tar").source_format == "official"
 
 
 def test_convert_says_when_preprocessing_is_dropped_or_defaulted(tmp_path, capsys):

@@ -81,6 +81,12 @@ def test_documented_command_parses(doc, cmd, whole):
     except SystemExit as e:
         msg = err.getvalue().strip().splitlines()[-1:]
         if not whole and any(f in "".join(msg) for f in FRAGMENT_ERRORS):
+            # argparse reports missing required arguments before unknown flags: check the fragment's flags by name
+            words = shlex.split(cmd)
+            sub = next(a for a in parser._subparsers._group_actions if words[1] in a.choices).choices[words[1]]
+            unknown = [w.split("=")[0] for w in words[2:] if w.startswith("--")
+                       and w.split("=")[0] not in sub._option_string_actions]
+            assert not unknown, f"{doc}: `{cmd}` names flags `repvit {words[1]}` does not have: {unknown}"
             return
         pytest.fail(f"{doc}: `{cmd}` no longer parses: {msg} (exit {e.code})")
 

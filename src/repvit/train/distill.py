@@ -241,13 +241,29 @@ def precompute_teacher_logits(teacher: nn.Module, dataset, *, batch_size: int, d
     from .dist import gather_shards
     n = len(dataset)
     part = Subset(dataset, shard_range(n, di.world_size, di.rank)) if di is not None and di.distributed else dataset
+    together = di is not None and di.distributed
     outs = [torch.empty(0, num_classes)]            # a rank whose shard is empty still joins the gather
-    for batch in DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
-                            pin_memory=device.type == "cuda"):
-        x = batch[0]
-        if batch[-1]:
-            raise RuntimeError("the training set holds unreadable images; remove them before using "
-                               "distill.precompute (cached logits are indexed by sample)")
-        outs.append(teacher(x.to(device, non_blocking=True)).float().cpu())
+    failure: Exception | None = None
+    try:
+        for batch in DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                num_workers=num_workers, pin_memory=device.type == "cuda"):
+            x = batch[0]
+            if batch[-1]:
+                raise RuntimeError("the training set holds unreadable images; remove them before using "
+                                   "distill.precompute (cached logits are indexed by sample)")
+            outs.append(teacher(x.to(device, non_blocking=True)).float().cpu())
+    except Exception as e:  # noqa: BLE001 - with other ranks: stop them too (below) instead of leaving them waiting
+        if not together:
+            raise
+        failure = e
+    if together:
+        # each rank reads only its shard, so a bad image stops one rank: every rank learns of it before the gather
+        from .dist import all_reduce_sum
+        failed = all_reduce_sum(torch.tensor([float(failure is not None)], dtype=torch.float64, device=device))
+        if failure is not None:
+            raise failure
+        if failed.item() > 0:
+            raise RuntimeError("another rank failed while precomputing the teacher logits (its log says why); "
+                               "every rank stops")
     local = torch.cat(outs)
     return gather_shards(local, n, di) if di is not None else local

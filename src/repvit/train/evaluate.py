@@ -248,6 +248,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, form: str = "train", eval
         raise ValueError(f"--device {device!r} is not a device name ({e}); use auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} but no CUDA device is available here; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     if img_size is not None and img_size < 1:
         raise ValueError(f"--img-size must be a positive number of pixels, got {img_size}")
     pre = getattr(models[0][1], "preprocessing", None) or {}

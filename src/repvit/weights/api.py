@@ -242,7 +242,7 @@ def save_checkpoint(
         write_state_dict(layouts.ours_to_timm(sd), path, metadata={
             "format": "pt", "variant": model.variant, "preprocessing": preprocessing or model.preprocessing})
     elif format == "official":
-        if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
+        if Path(path).suffix.lower() == ".safetensors":
             # the official layout is a {"model": ...} pickle, which a .safetensors name would misdescribe
             raise ValueError(f"format 'official' is a PyTorch pickle ({{'model': state_dict}}, as the THU-MIG "
                              f"releases); name the output *.pth instead of {Path(path).name}, or choose format "
