@@ -22,33 +22,19 @@ SYNOPSIS = re.compile(r"\[|\.\.\.|\||\{|<|(^|\s)[A-Z][A-Z_]*(\s|$)")
 FRAGMENT_ERRORS = ("the following arguments are required", "expected one argument")
 
 
-def _fenced_commands(text: str) -> list[str]:
-    out, in_code, cur = [], False, None
-    for line in text.splitlines():
-        if line.lstrip().startswith("```"):
-            in_code, cur = not in_code, None
-            continue
-        if not in_code:
-            continue
-        s = line.strip()
-        if cur is not None:                                   # a continuation of the previous line
-            s = re.split(r"\s+#\s", s, maxsplit=1)[0]
-            cur += " " + s.rstrip("\\").strip()
-            if not s.endswith("\\"):
-                out.append(cur)
-                cur = None
-            continue
-        if s.startswith("repvit "):
-            s = re.split(r"\s+#\s", s, maxsplit=1)[0]         # a trailing comment
-            if s.endswith("\\"):
-                cur = s.rstrip("\\").strip()
-            else:
-                out.append(s)
+def _fenced_commands(text: str, prefix: str) -> list[str]:
+    """The lines of the code blocks that start with ``prefix``, continuation lines (``\\``) joined, trailing
+    comments dropped."""
+    out = []
+    for block in re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        out += [re.split(r"\s+#\s", ln.strip(), maxsplit=1)[0].strip() for ln in joined.splitlines()
+                if ln.strip().startswith(prefix)]
     return out
 
 
-def _inline_commands(text: str) -> list[str]:
-    return [" ".join(m.split()) for m in re.findall(r"`(repvit [^`]+)`", text)]
+def _inline_commands(text: str, prefix: str) -> list[str]:
+    return [" ".join(m.split()) for m in re.findall(rf"`({re.escape(prefix)}[^`]+)`", text)]
 
 
 def documented_commands() -> list[tuple[str, str, bool]]:
@@ -56,7 +42,7 @@ def documented_commands() -> list[tuple[str, str, bool]]:
     found = []
     for doc in DOCS:
         text = doc.read_text()
-        for cmds, whole in ((_fenced_commands(text), True), (_inline_commands(text), False)):
+        for cmds, whole in ((_fenced_commands(text, "repvit "), True), (_inline_commands(text, "repvit "), False)):
             for cmd in cmds:
                 if not SYNOPSIS.search(cmd) and len(shlex.split(cmd)) > 2:   # "repvit eval" alone names a command
                     found.append((doc.name, cmd, whole))
@@ -96,13 +82,8 @@ def documented_scripts() -> list[tuple[str, str]]:
     found = []
     for doc in DOCS:
         text = doc.read_text()
-        inline = [" ".join(m.split()) for m in re.findall(r"`(python benchmarks/[^`]+)`", text)]
-        fenced = []
-        for block in re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S):
-            joined = re.sub(r"\\\n\s*", " ", block)
-            fenced += [re.split(r"\s+#\s", ln.strip(), maxsplit=1)[0] for ln in joined.splitlines()
-                       if ln.strip().startswith("python benchmarks/")]
-        found += [(doc.name, c) for c in inline + fenced if not SYNOPSIS.search(c)]
+        found += [(doc.name, c) for c in _inline_commands(text, "python benchmarks/")
+                  + _fenced_commands(text, "python benchmarks/") if not SYNOPSIS.search(c)]
     return found
 
 

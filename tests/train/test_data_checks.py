@@ -188,12 +188,13 @@ def test_fine_tuning_warns_when_the_pretrained_weights_expect_other_normalisatio
 
 
 def test_a_non_finite_loss_on_another_rank_is_not_reported_with_this_ranks_finite_value(tmp_path, monkeypatch):
+    import repvit.train.dist as dist
     import repvit.train.loop as loop
     from repvit.train.dist import DistInfo
-    monkeypatch.setattr(loop, "all_reduce_sum", lambda t: t.add_(1.0))      # another rank saw a NaN
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t.add_(1.0))      # another rank saw a NaN
     di = DistInfo(rank=0, world_size=2)
     with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss \(on another rank\) at epoch 1, update 5"):
-        loop._check_finite(torch.tensor(2.3026), di, 0, 4, 9, tmp_path, torch.device("cpu"))
-    monkeypatch.setattr(loop, "all_reduce_sum", lambda t: t)
+        loop._check_finite(torch.tensor(2.3026), di, 0, 4, 9, tmp_path)
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t)
     with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss \(nan\)"):
-        loop._check_finite(torch.tensor(float("nan")), di, 0, 4, 9, tmp_path, torch.device("cpu"))
+        loop._check_finite(torch.tensor(float("nan")), di, 0, 4, 9, tmp_path)

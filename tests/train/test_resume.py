@@ -378,6 +378,7 @@ def test_a_rank_without_saved_rng_gets_its_own_stream():
 def test_non_finite_weights_on_another_rank_stop_this_one_too(tmp_path, monkeypatch):
     """BatchNorm buffers differ per rank: the not-finite flag is all-reduced, so a rank whose own weights are
     finite stops with the rank that overflowed instead of waiting for it in the next collective."""
+    import repvit.train.dist as dist
     import repvit.train.loop as loop
     from repvit.train.dist import DistInfo
     calls = []
@@ -385,16 +386,16 @@ def test_non_finite_weights_on_another_rank_stop_this_one_too(tmp_path, monkeypa
     def other_rank_bad(t):
         calls.append(t.clone())
         return t.add_(1.0)                               # the other rank reports a non-finite tensor
-    monkeypatch.setattr(loop, "all_reduce_sum", other_rank_bad)
+    monkeypatch.setattr(dist, "all_reduce_sum", other_rank_bad)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     di = DistInfo(rank=1, world_size=2)
     with pytest.raises(NonFiniteLossError, match="update 3 on another rank"):
-        loop._check_finite_weights(model, di, 0, 3, tmp_path, torch.device("cpu"))
+        loop._check_finite_weights(model, di, 0, 3, tmp_path)
     assert len(calls) == 1 and calls[0].item() == 0.0   # this rank joined the reduction with "finite"
     model[1].running_var.fill_(float("inf"))
-    monkeypatch.setattr(loop, "all_reduce_sum", lambda t: t)
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t)
     with pytest.raises(NonFiniteLossError, match=r"update 3 \(its loss"):
-        loop._check_finite_weights(model, di, 0, 3, tmp_path, torch.device("cpu"))
+        loop._check_finite_weights(model, di, 0, 3, tmp_path)
 
 
 def test_rotate_replaces_atomically_also_when_hard_links_fail(tmp_path, monkeypatch):

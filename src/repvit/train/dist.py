@@ -11,8 +11,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_sum", "average_gradients", "broadcast_object",
-           "broadcast_tensors", "gather_shards", "main_rank_first"]
+__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_sum", "any_rank", "average_gradients",
+           "broadcast_object", "broadcast_tensors", "gather_shards", "main_rank_first"]
 
 
 @dataclass
@@ -79,6 +79,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def any_rank(flag: bool, di: DistInfo) -> bool:
+    """Whether ``flag`` holds on any rank (one all-reduce: every rank must call it at the same point), so that all
+    ranks stop together instead of one raising while the others wait in the next collective."""
+    if not di.distributed:
+        return flag
+    return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64, device=di.device)).item() > 0
 
 
 def average_gradients(params, world_size: int) -> None:

@@ -238,10 +238,10 @@ def precompute_teacher_logits(teacher: nn.Module, dataset, *, batch_size: int, d
 
     from repvit.data.sampler import shard_range
 
-    from .dist import gather_shards
+    from .dist import any_rank, gather_shards
     n = len(dataset)
-    part = Subset(dataset, shard_range(n, di.world_size, di.rank)) if di is not None and di.distributed else dataset
     together = di is not None and di.distributed
+    part = Subset(dataset, shard_range(n, di.world_size, di.rank)) if together else dataset
     outs = [torch.empty(0, num_classes)]            # a rank whose shard is empty still joins the gather
     failure: Exception | None = None
     try:
@@ -256,14 +256,11 @@ def precompute_teacher_logits(teacher: nn.Module, dataset, *, batch_size: int, d
         if not together:
             raise
         failure = e
-    if together:
-        # each rank reads only its shard, so a bad image stops one rank: every rank learns of it before the gather
-        from .dist import all_reduce_sum
-        failed = all_reduce_sum(torch.tensor([float(failure is not None)], dtype=torch.float64, device=device))
+    # each rank reads only its shard, so a bad image stops one rank: every rank learns of it before the gather
+    if together and any_rank(failure is not None, di):
         if failure is not None:
             raise failure
-        if failed.item() > 0:
-            raise RuntimeError("another rank failed while precomputing the teacher logits (its log says why); "
-                               "every rank stops")
+        raise RuntimeError("another rank failed while precomputing the teacher logits (its log says why); "
+                           "every rank stops")
     local = torch.cat(outs)
     return gather_shards(local, n, di) if di is not None else local

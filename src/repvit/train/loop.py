@@ -54,8 +54,8 @@ from .checkpoint import (
     rotate,
 )
 from .config import TrainConfig, check_resume_overrides, config_from_dict, config_to_dict, dump_yaml
-from .dist import (DistInfo, all_reduce_sum, average_gradients, broadcast_tensors, cleanup, init_distributed,
-                   main_rank_first)
+from .dist import (DistInfo, all_reduce_sum, any_rank, average_gradients, broadcast_tensors, cleanup,
+                   init_distributed, main_rank_first)
 from .distill import (
     DistillationLoss,
     build_teacher,
@@ -473,8 +473,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
         cached = _cached_teacher_logits(cache, len(bundle.train), num_classes, key, log)
         # the ranks compute shards and gather them: all recompute if any one cannot use the cache (a node
         # without the file), or the gather would wait for ranks that never join
-        missing = all_reduce_sum(torch.tensor([float(cached is None)], dtype=torch.float64, device=device))
-        if missing.item() > 0:
+        if any_rank(cached is None, di):
             log("precomputing teacher logits on the un-augmented training set ...")
             cached = precompute_teacher_logits(teacher, _eval_view(bundle.train, bundle, cfg),
                                                batch_size=cfg.run.batch_size, device=device, collate=bundle.collate,
@@ -659,7 +658,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                         # log_softmax / the mean would run in bf16/fp16
                         out = tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
                         loss = criterion(out, y, t_target, teacher_is_dist=cached is not None)
-                        _check_finite(loss, di, epoch, step, micro, run_dir, device)
+                        _check_finite(loss, di, epoch, step, micro, run_dir)
                         # weight by real samples: a full micro-batch keeps exactly loss / accum; the update is
                         # renormalised to the real total below
                         scaled = (loss if n_local == micro_batch else loss * (n_local / micro_batch)) / accum
@@ -668,7 +667,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                     loss_n += n_local
                     seen += n_local
                 else:
-                    _check_finite(None, di, epoch, step, micro, run_dir, device)   # join the other ranks' check
+                    _check_finite(None, di, epoch, step, micro, run_dir)   # join the other ranks' check
             if last_micro:
                 nominal = micro_batch * world * accum
                 if upd_real > 0:
@@ -694,7 +693,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                 if upd_real > 0:
                     # a finite loss can still take a step that overflows the weights; catch it here, before the
                     # EMA or a checkpoint takes them in (same weights on every rank, so every rank stops together)
-                    _check_finite_weights(raw_model, di, epoch, step, run_dir, device)
+                    _check_finite_weights(raw_model, di, epoch, step, run_dir)
                 if ema is not None:
                     ema.update(raw_model, step=step)
                 scheduler.step_update(step)
@@ -930,8 +929,7 @@ def _rank_accumulators(saved: list, rank: int, *, same_world: bool) -> dict:
     return out
 
 
-def _check_finite_weights(model: nn.Module, di: DistInfo, epoch: int, step: int, run_dir: Path,
-                          device: torch.device) -> None:
+def _check_finite_weights(model: nn.Module, di: DistInfo, epoch: int, step: int, run_dir: Path) -> None:
     """Stop every rank together when update ``step`` left a NaN/inf in the weights or the BatchNorm statistics
     of any rank (one reduction, then one all-reduce of the flag).
 
@@ -941,10 +939,7 @@ def _check_finite_weights(model: nn.Module, di: DistInfo, epoch: int, step: int,
     raises while the others wait in the next collective."""
     tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     ok = not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
-    bad = torch.tensor([0.0 if ok else 1.0], device=device)
-    if di.distributed:
-        all_reduce_sum(bad)
-    if bad.item() > 0:
+    if any_rank(not ok, di):
         where = "" if not ok else " on another rank"
         raise NonFiniteLossError(
             f"non-finite weights after epoch {epoch + 1}, update {step}{where} (its loss was finite; the step or "
@@ -964,17 +959,14 @@ def _stop_advice(run_dir: Path) -> str:
             f"run from these weights: --set model.pretrained={last} --set optim.base_lr=... (the schedule restarts).")
 
 
-def _check_finite(loss: torch.Tensor | None, di: DistInfo, epoch: int, step: int, micro: int, run_dir: Path,
-                  device: torch.device) -> None:
+def _check_finite(loss: torch.Tensor | None, di: DistInfo, epoch: int, step: int, micro: int,
+                  run_dir: Path) -> None:
     """Stop every rank together when any rank sees a NaN/inf loss; checkpoints are left as they are.
 
     A rank without data for this micro-step passes ``loss=None`` and still joins the all-reduce.
     """
     ok = loss is None or bool(torch.isfinite(loss.detach()).all())
-    bad = torch.tensor([0.0 if ok else 1.0], device=device)
-    if di.distributed:
-        all_reduce_sum(bad)
-    if bad.item() > 0:
+    if any_rank(not ok, di):
         raise NonFiniteLossError(
             f"non-finite loss ({loss.item() if loss is not None and not ok else 'on another rank'}) at epoch "
             f"{epoch + 1}, update {step + 1} (micro-batch {micro}); "

@@ -131,7 +131,7 @@ def _provenance(variant: str, epochs: int, distill: bool) -> str:
     from repvit.models.specs import FACTS
     if not distill:
         return "Official RepViT hyper-parameters without the teacher (every released checkpoint is distilled)"
-    top1 = getattr(FACTS[variant], f"top1_{epochs}e", None) if epochs in (300, 450) else None
+    top1 = getattr(FACTS[variant], f"top1_{epochs}e", None)       # FACTS has top1_300e and top1_450e
     if top1 is None:
         return (f"Official RepViT hyper-parameters; the official repo released no {epochs}-epoch run of this "
                 "variant")

@@ -72,7 +72,7 @@ def _convert(args: argparse.Namespace) -> int:
     from ..models.specs import default_preprocessing
     from ..reparam import reparameterize
     from .api import create_model, save_checkpoint
-    from .io import read_checkpoint
+    from .io import PICKLE_SUFFIXES, read_checkpoint
 
     src, out = Path(args.source), Path(args.out)
     # checked before anything is read: a convert onto its own source (with --deploy, or to a format without
@@ -89,7 +89,6 @@ def _convert(args: argparse.Namespace) -> int:
     save_checkpoint(model, args.out, format=args.to)
     form = "deploy" if model.deploy else "train"
     print(f"read {ck.describe()}\nwrote {args.out}: {args.to} format, {variant}, {form} form")
-    from .io import PICKLE_SUFFIXES
     recorded = "preprocessing" in ck.metadata
     dropped = args.to == "official" or (args.to == "timm" and out.suffix.lower() in PICKLE_SUFFIXES)
     if dropped and recorded and model.preprocessing != default_preprocessing(model.in_chans):
