@@ -143,17 +143,28 @@ def test_drop_path_and_dropout_active_only_in_training():
     assert torch.equal(m(x), m(x))
 
 
-def test_gradient_checkpointing_gives_same_gradients():
-    m = repvit.create_model("repvit_m0_6", num_classes=3)
+def test_gradient_checkpointing_gives_same_gradients_and_norm_statistics():
+    torch.manual_seed(0)
+    m = repvit.create_model("repvit_m0_6", num_classes=3, drop_path_rate=0.1)
+    start = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.randn(2, 3, 64, 64)
     y = torch.tensor([0, 2])
+    torch.manual_seed(1)
     torch.nn.functional.cross_entropy(m(x), y).backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    ref_stats = {k: v.clone() for k, v in m.state_dict().items() if "running_" in k or "num_batches" in k}
+    m.load_state_dict(start)
     m.zero_grad()
     m.set_grad_checkpointing(True)
+    torch.manual_seed(1)  # same drop-path draws; checkpoint replays them in the recompute
     torch.nn.functional.cross_entropy(m(x), y).backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], msg=n)
+    # the recompute in the backward pass must not fold the batch into the running statistics a second time
+    state = m.state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in ref_stats.items())  # the step did move them
+    for k, v in ref_stats.items():
+        torch.testing.assert_close(state[k], v, msg=k)
 
 
 def test_in_chans_option():

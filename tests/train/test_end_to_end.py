@@ -163,3 +163,18 @@ def test_step_per_epoch_follows_the_official_lr_staircase(tmp_path, monkeypatch)
     got = [lrs[2 * e:2 * e + 2] for e in range(5)]
     assert all(a == b for a, b in got), got                     # one lr per epoch
     assert [a for a, _ in got] == pytest.approx(want, rel=1e-9)
+
+
+def test_gradient_checkpointing_trains_the_same_weights_and_statistics(tmp_path):
+    """run.grad_checkpointing only trades memory for compute: the weights, the BatchNorm statistics and the EMA
+    after a few updates equal those of the same run without it (drop path on, so its replay is covered too)."""
+    from trainhelpers import load_state
+    common = ["schedule.epochs=1", "run.max_steps_per_epoch=3", "run.seed=4", "model.drop_path_rate=0.1"]
+    train(tiny_config(*common), tmp_path / "plain")
+    train(tiny_config(*common, "run.grad_checkpointing=true"), tmp_path / "ckpt")
+    a, b = load_state(tmp_path / "plain"), load_state(tmp_path / "ckpt")
+    assert b["config"]["run"]["grad_checkpointing"] is True
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], msg=f"{part}.{k}")

@@ -21,9 +21,10 @@ directly so fused checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Sequence
 
 import torch
@@ -347,6 +348,28 @@ class Downsample(nn.Module):
         return x + self.drop_path(self.ffn(x))
 
 
+@contextlib.contextmanager
+def _frozen_norm_statistics(module: nn.Module):
+    """Leave BatchNorm running statistics as they were on entry (restored on exit).
+
+    Gradient checkpointing runs a block's forward a second time in the backward pass, still in train mode;
+    without this, every BatchNorm would fold the same batch into its running statistics twice per step."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in zip(norms, saved):
+                for b, v in zip(m.buffers(), bufs):
+                    b.copy_(v)
+
+
+def _checkpoint_context(module: nn.Module):
+    # (forward context, recompute context) for torch.utils.checkpoint's non-reentrant mode
+    return contextlib.nullcontext(), _frozen_norm_statistics(module)
+
+
 class RepViTStage(nn.Module):
     def __init__(
         self, in_dim: int, out_dim: int, depth: int, *, downsample: bool, legacy: bool,
@@ -369,7 +392,7 @@ class RepViTStage(nn.Module):
         x = self.downsample(x)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             for blk in self.blocks:
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, use_reentrant=False, context_fn=partial(_checkpoint_context, blk))
             return x
         return self.blocks(x)
 
@@ -542,9 +565,9 @@ class RepViT(nn.Module):
         return self.head.head_dist is not None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass instead of storing its activations. As in timm, the
-        recompute runs the block in train mode again, so BatchNorm running statistics move twice per step
-        (effective momentum about 0.19 instead of 0.1); the training loop does not use it."""
+        """Recompute each block in the backward pass instead of storing its activations (less memory, about
+        one more forward of compute). Unlike a plain ``torch.utils.checkpoint`` (timm's), the recompute leaves
+        BatchNorm running statistics alone, so they move once per step, exactly as without checkpointing."""
         for s in self.stages:
             s.grad_checkpointing = enable
 

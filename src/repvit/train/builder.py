@@ -45,6 +45,9 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
             raise ValueError("model.reparam_branches=false is the from-scratch ablation; with model.pretrained it "
                              "would discard trained branch weights. Drop one of the two settings")
         strip_reparam_branches(model)
+    if cfg.run.grad_checkpointing:
+        # larger micro-batches on one device; BatchNorm statistics still move once per step (see the model)
+        model.set_grad_checkpointing(True)
     return model
 
 

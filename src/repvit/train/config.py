@@ -128,6 +128,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
+    grad_checkpointing: bool = False    # recompute blocks in backward: less activation memory, ~1 more forward
     keep_last: int = 2                  # rolling checkpoints kept besides last.pt and the best
     checkpoint_every_steps: int = 0     # 0: at epoch ends only
     save_best_from: str = "auto"        # auto (EMA if enabled and better) | ema | raw
