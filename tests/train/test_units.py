@@ -121,6 +121,19 @@ def test_precomputed_hard_targets_mix_like_labels():
     assert loss.item() == pytest.approx(-(mixed * ls).sum(-1).mean().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_cached_teacher_targets_equal_the_dense_ones(kind):
+    from repvit.train.distill import CachedTeacherTargets
+    torch.manual_seed(0)
+    logits = torch.randn(50, 7) * 3
+    cached = CachedTeacherTargets(logits, kind, tau=2.0)
+    idx = torch.tensor([3, 0, 49, 3, 17])
+    torch.testing.assert_close(cached[idx], teacher_targets(logits, kind, 2.0)[idx], rtol=0, atol=0)
+    assert len(cached) == 50
+    if kind == "hard":      # one class per sample is kept, not the dense one-hot table
+        assert cached.probs is None and cached.classes.shape == (50,)
+
+
 def test_frozen_teacher_stays_in_eval_mode_without_grads():
     net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     t = FrozenTeacher(net)

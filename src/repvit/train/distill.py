@@ -63,6 +63,27 @@ def teacher_targets(logits: torch.Tensor, kind: str, tau: float = 1.0) -> torch.
     return F.softmax(logits / tau, dim=-1)
 
 
+class CachedTeacherTargets:
+    """Precomputed teacher targets of every training sample, indexed like the dataset.
+
+    Hard distillation keeps only the teacher's class per sample and builds the one-hot rows per batch: the
+    same targets as :func:`teacher_targets`, in 8 bytes per sample instead of 4 x num_classes (for ImageNet-1k
+    10 MB instead of 5.1 GB in every training process). Soft targets need the whole distribution."""
+
+    def __init__(self, logits: torch.Tensor, kind: str, tau: float = 1.0) -> None:
+        self.num_classes = logits.shape[-1]
+        self.classes = logits.float().argmax(-1) if kind == "hard" else None
+        self.probs = None if kind == "hard" else teacher_targets(logits, kind, tau)
+
+    def __len__(self) -> int:
+        return len(self.classes if self.classes is not None else self.probs)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.classes is not None:
+            return F.one_hot(self.classes[idx], self.num_classes).float()
+        return self.probs[idx]
+
+
 def _class_logits(out) -> torch.Tensor:
     """A teacher's prediction: the class head's logits of a (cls, dist) pair, or the single output."""
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -57,12 +57,12 @@ from .config import TrainConfig, check_resume_overrides, config_from_dict, confi
 from .dist import (DistInfo, all_reduce_sum, any_rank, average_gradients, broadcast_tensors, cleanup,
                    init_distributed, main_rank_first)
 from .distill import (
+    CachedTeacherTargets,
     DistillationLoss,
     build_teacher,
     precompute_teacher_logits,
     split_comma_list,
     teacher_input_mismatch,
-    teacher_targets,
 )
 from .evaluate import autocast_ctx, evaluate, model_in_chans, resolve_amp
 
@@ -480,7 +480,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, di: DistInfo, lo
                                                num_classes=num_classes, di=di, num_workers=cfg.data.num_workers)
             if di.is_main:
                 atomic_torch_save({"logits": cached, "key": key}, cache)
-        cached = teacher_targets(cached, cfg.distill.kind, cfg.distill.tau)
+        cached = CachedTeacherTargets(cached, cfg.distill.kind, cfg.distill.tau)
 
     mixup_on = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
     mixup = None
