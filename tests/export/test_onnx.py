@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,9 @@ def test_errors(m06, tmp_path):
         export_onnx(m06, tmp_path / "no" / "such" / "dir.onnx")
     with pytest.raises(ValueError, match="is a directory"):
         export_onnx(m06, tmp_path)
+    if Path("/proc/self").exists():   # not writable even for root, whose permission check (os.access) passes there
+        with pytest.raises(ValueError, match="'/proc' is not writable"):
+            export_onnx(m06, "/proc/m06.onnx")
     with pytest.raises(ValueError, match="opset"):
         export_onnx(m06, tmp_path / "old.onnx", opset=13)
     with pytest.raises(ValueError, match="too small"):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from ..utils.files import probe_writable
 from .runtimes import DEFAULT_RUNTIMES, RUNTIMES
 
 
@@ -98,27 +98,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
         parent = Path(p).parent
         if str(parent) and parent.exists() and not parent.is_dir():
             raise ValueError(f"cannot write {p}: {parent} is not a directory")
-        _probe_writable(Path(p))
+        probe_writable(Path(p))
     if len({Path(p).resolve() for p in paths}) < len(paths):
         raise ValueError(f"output paths coincide ({', '.join(map(str, paths))}): give --json a .json name, or "
                          "--markdown / --plot paths of their own")
-
-
-def _probe_writable(path: Path) -> None:
-    """Create and delete a temp file where ``path`` will be written (its folder, or the nearest existing folder
-    above it, which the write will create the rest under): permissions alone do not tell (root, read-only mounts,
-    /proc)."""
-    import tempfile
-    folder = path.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=folder)
-    except OSError as e:
-        raise ValueError(f"cannot write {path}: {folder} is not a writable directory ({e.strerror or e}); "
-                         "choose another output path") from e
-    os.close(fd)
-    os.unlink(tmp)
 
 
 def _write_outputs(args: argparse.Namespace, obj, md: str, plot) -> None:

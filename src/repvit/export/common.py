@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils.files import atomic_write_text, sha256_of
+from ..utils.files import atomic_write_text, probe_writable, sha256_of
 
 __all__ = [
     "require", "check_writable", "atomic_output", "sha256_of", "write_sidecar", "sidecar_path",
@@ -83,8 +83,10 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"output directory {str(parent)!r} does not exist; create it first (mkdir -p {parent})")
     if not parent.is_dir():
         raise ValueError(f"cannot write {str(p)!r}: {str(parent)!r} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"output directory {str(parent)!r} is not writable; choose another --out location")
+    try:
+        probe_writable(p)   # a temp file, not os.access: root passes that on read-only mounts and /proc
+    except ValueError as e:
+        raise ValueError(f"output directory {str(parent)!r} is not writable; choose another --out location") from e
     if p.exists() and p.is_dir() and p.suffix != ".mlpackage":
         raise ValueError(f"output path {str(p)!r} is a directory; give a file name such as {p / 'model.onnx'}")
     side = sidecar_path(p)

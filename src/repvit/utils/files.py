@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_of"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_of", "probe_writable"]
 
 
 def _umask() -> int:
@@ -80,3 +80,19 @@ def sha256_of(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def probe_writable(path: str | os.PathLike) -> None:
+    """Raise ValueError unless a file can be created where ``path`` will be written: in its folder, or the nearest
+    existing folder above it (under which the write creates the rest). A temp file is created and removed, since
+    permission bits alone do not tell (root passes ``os.access`` on read-only mounts and /proc)."""
+    folder = Path(path).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=folder)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {folder} is not a writable directory ({e.strerror or e}); "
+                         "choose another output path") from e
+    os.close(fd)
+    os.unlink(tmp)
