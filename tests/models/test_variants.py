@@ -167,6 +167,25 @@ def test_gradient_checkpointing_gives_same_gradients_and_norm_statistics():
         torch.testing.assert_close(state[k], v, msg=k)
 
 
+def test_gradient_checkpointing_under_torch_compile_moves_norm_statistics_once():
+    """Under torch.compile the checkpointed blocks take plain checkpointing (AOTAutograd's recompute replays no
+    buffer writes, and it refuses non-dispatch-mode contexts): same statistics as eager without checkpointing."""
+    from repvit.models.repvit import RepViTStage
+    torch.manual_seed(0)
+    stage = RepViTStage(16, 16, 2, downsample=False, legacy=False, drop_paths=[0.0, 0.0], deploy=False).train()
+    start = {k: v.clone() for k, v in stage.state_dict().items()}
+    x = torch.randn(4, 16, 8, 8)
+    stage(x).sum().backward()
+    ref = {k: v.clone() for k, v in stage.state_dict().items()}
+    stage.load_state_dict(start)
+    stage.grad_checkpointing = True
+    torch.compile(stage, backend="aot_eager")(x).sum().backward()
+    got = stage.state_dict()
+    assert any(not torch.equal(ref[k], start[k]) for k in ref if "running_mean" in k)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], msg=k)
+
+
 def test_in_chans_option():
     m = repvit.create_model("repvit_m0_6", in_chans=1, num_classes=10)
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)

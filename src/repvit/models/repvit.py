@@ -392,7 +392,12 @@ class RepViTStage(nn.Module):
         x = self.downsample(x)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             for blk in self.blocks:
-                x = checkpoint(blk, x, use_reentrant=False, context_fn=partial(_checkpoint_context, blk))
+                if torch.compiler.is_compiling():
+                    # traced once by AOTAutograd, whose recompute replays no buffer writes (and which accepts only
+                    # dispatch-mode contexts here)
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = checkpoint(blk, x, use_reentrant=False, context_fn=partial(_checkpoint_context, blk))
             return x
         return self.blocks(x)
 
