@@ -13,7 +13,7 @@ from repvit.train import train
 from repvit.train.config import config_from_dict
 from repvit.weights.io import read_checkpoint
 
-from trainhelpers import tiny_config
+from trainhelpers import load_state, tiny_config
 
 
 def test_short_run_writes_the_run_directory_contract(tmp_path, capsys):
@@ -168,7 +168,6 @@ def test_step_per_epoch_follows_the_official_lr_staircase(tmp_path, monkeypatch)
 def test_gradient_checkpointing_trains_the_same_weights_and_statistics(tmp_path):
     """run.grad_checkpointing only trades memory for compute: the weights, the BatchNorm statistics and the EMA
     after a few updates equal those of the same run without it (drop path on, so its replay is covered too)."""
-    from trainhelpers import load_state
     common = ["schedule.epochs=1", "run.max_steps_per_epoch=3", "run.seed=4", "model.drop_path_rate=0.1"]
     train(tiny_config(*common), tmp_path / "plain")
     train(tiny_config(*common, "run.grad_checkpointing=true"), tmp_path / "ckpt")
